@@ -1,0 +1,115 @@
+#!/usr/bin/env bash
+# One idempotent setup for a fresh Debian 12 machine (run as root):
+#   - Debian's QEMU 7.2 and the tools the test guests are built with;
+#   - QEMU 10.0.x from bookworm-backports, extracted into .deps/ with a wrapper;
+#   - a Debian kernel extracted into .deps/ for the linuxguest;
+#   - the fixture guests in qemu-fixtures/build/;
+#   - a venv in .venv/ with liveupgrade installed editable, with test tools.
+# Each step is skipped when its result is already there.
+set -euo pipefail
+root=$(cd "$(dirname "$0")" && pwd)
+deps=$root/.deps
+mkdir -p "$deps"
+log() { printf 'setup: %s\n' "$*" >&2; }
+
+# --- 1. Debian packages ---------------------------------------------------
+packages=(qemu-system-x86 qemu-utils busybox-static gcc libc6-dev make cpio xz-utils python3-venv)
+missing=()
+for p in "${packages[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    log "installing Debian packages: ${missing[*]}"
+    apt-get update -q
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
+
+# --- 2. QEMU 10.0.x from bookworm-backports, in a private apt state ---------
+# The mirror is the one this machine's apt already uses; no host is named here.
+mirror_uri() {
+    local f uri
+    for f in /etc/apt/sources.list.d/*.sources; do
+        [ -e "$f" ] || continue
+        if grep -qE '^Suites:.*\bbookworm\b' "$f"; then
+            uri=$(awk '/^URIs:/{print $2; exit}' "$f")
+            [ -n "$uri" ] && { echo "$uri"; return; }
+        fi
+    done
+    for f in /etc/apt/sources.list /etc/apt/sources.list.d/*.list; do
+        [ -e "$f" ] || continue
+        uri=$(awk '$1=="deb" && $3 ~ /^bookworm$/ {print $2; exit}' "$f")
+        [ -n "$uri" ] && { echo "$uri"; return; }
+    done
+    return 1
+}
+apt_private() {
+    apt-get -o Dir::Etc::SourceList="$deps/apt/sources.list" -o Dir::Etc::SourceParts=/dev/null \
+        -o Dir::State::Lists="$deps/apt/lists" -o Dir::Cache="$deps/apt/cache" "$@"
+}
+apt_cache_private() {
+    apt-cache -o Dir::Etc::SourceList="$deps/apt/sources.list" -o Dir::Etc::SourceParts=/dev/null \
+        -o Dir::State::Lists="$deps/apt/lists" -o Dir::Cache="$deps/apt/cache" "$@"
+}
+qemu10=$deps/qemu-10.0
+if [ ! -x "$qemu10/root/usr/bin/qemu-system-x86_64" ]; then
+    uri=$(mirror_uri) || { log "no Debian bookworm mirror found in /etc/apt sources"; exit 1; }
+    log "fetching QEMU 10.0 from bookworm-backports via $uri"
+    mkdir -p "$deps/apt/lists/partial" "$deps/apt/cache/archives/partial"
+    echo "deb $uri bookworm-backports main" > "$deps/apt/sources.list"
+    apt_private update -q
+    version=$(apt_cache_private madison qemu-system-x86 | awk -F'|' '{gsub(/ /,"",$2); print $2}' \
+        | grep -E '^1:10\.0\.' | head -n 1)
+    [ -n "$version" ] || { log "bookworm-backports has no QEMU 10.0.x"; exit 1; }
+    rm -rf "$qemu10" && mkdir -p "$qemu10/debs"
+    chmod 0777 "$qemu10/debs"  # apt's download sandbox user writes here
+    (cd "$qemu10/debs" && apt_private download -q \
+        "qemu-system-x86=$version" "qemu-system-common=$version" "qemu-system-data=$version")
+    for deb in "$qemu10"/debs/*.deb; do dpkg -x "$deb" "$qemu10/root"; done
+    echo "$version" > "$qemu10/version"
+fi
+mkdir -p "$deps/bin"
+cat > "$deps/bin/qemu-system-x86_64-10.0" <<WRAP
+#!/bin/sh
+# QEMU 10.0 from bookworm-backports, extracted by setup.sh. Its modules must
+# come from its own build ("Only modules from the same build can be loaded").
+# Firmware: the built-in data dir, /usr/share/qemu (Debian 12's seabios and
+# ipxe ROMs), so ROM sizes match a QEMU 7.2 source's and migration accepts them.
+QEMU_MODULE_DIR=$qemu10/root/usr/lib/x86_64-linux-gnu/qemu
+export QEMU_MODULE_DIR
+exec $qemu10/root/usr/bin/qemu-system-x86_64 "\$@"
+WRAP
+chmod 0755 "$deps/bin/qemu-system-x86_64-10.0"
+ln -sf /usr/bin/qemu-system-x86_64 "$deps/bin/qemu-system-x86_64-7.2"
+
+# --- 3. A Debian kernel for the linuxguest (extracted, /boot untouched) -----
+kernel=$deps/kernel
+if [ ! -d "$kernel/lib/modules" ]; then
+    kpkg=$(apt-cache depends linux-image-amd64 | awk '/Depends: linux-image-/{print $2; exit}')
+    [ -n "$kpkg" ] || { apt-get update -q; kpkg=$(apt-cache depends linux-image-amd64 | awk '/Depends: linux-image-/{print $2; exit}'); }
+    log "extracting $kpkg"
+    rm -rf "$kernel" && mkdir -p "$kernel.debs" && chmod 0777 "$kernel.debs"
+    (cd "$kernel.debs" && apt-get download -q "$kpkg")
+    dpkg -x "$kernel.debs"/*.deb "$kernel"
+    rm -rf "$kernel.debs"
+fi
+
+# --- 4. Fixture guests --------------------------------------------------------
+make -s -C "$root/qemu-fixtures/microguest" OUT="$root/qemu-fixtures/build"
+lg=$root/qemu-fixtures/build/linuxguest-initrd.gz
+if [ ! -f "$lg" ] || [ -n "$(find "$root/qemu-fixtures/linuxguest" -newer "$lg" -type f)" ]; then
+    log "building the linuxguest"
+    "$root/qemu-fixtures/linuxguest/build.sh" "$kernel" "$root/qemu-fixtures/build"
+fi
+
+# --- 5. Python venv -------------------------------------------------------------
+if [ ! -x "$root/.venv/bin/python" ]; then
+    log "creating .venv"
+    python3 -m venv "$root/.venv"
+fi
+stamp=$root/.venv/.liveupgrade-installed
+if [ ! -f "$stamp" ] || [ "$root/pyproject.toml" -nt "$stamp" ]; then
+    "$root/.venv/bin/pip" install -q --upgrade pip
+    "$root/.venv/bin/pip" install -q -e "$root[test]"
+    touch "$stamp"
+fi
+log "ready: QEMU 7.2 $(/usr/bin/qemu-system-x86_64 --version | head -n 1 | awk '{print $4}'), QEMU $(cat "$qemu10/version")"
