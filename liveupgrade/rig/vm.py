@@ -1,0 +1,197 @@
+"""Start, reach and tear down a fixture guest under real QEMU."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+import uuid as uuidlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+from qemu.qmp import QMPClient
+
+from liveupgrade.rig.heartbeat import HeartbeatServer
+from liveupgrade.rig.paths import FixturePaths, find_fixtures
+
+
+class GuestKind(enum.Enum):
+    MICRO = "microguest"
+    LINUX = "linuxguest"
+
+
+class MemoryBacking(enum.Enum):
+    ANONYMOUS = "anonymous"
+    FILE = "file"  # memory-backend-file,share=on in the VM's /dev/shm folder
+    MEMFD = "memfd"  # memory-backend-memfd,share=on
+
+
+@dataclass
+class VMConfig:
+    """What to boot and how; defaults give a small, fast microguest."""
+
+    binary: Path
+    guest: GuestKind = GuestKind.MICRO
+    ram_mib: int = 256
+    backing: MemoryBacking = MemoryBacking.FILE
+    machine: str = "pc-i440fx-7.2"
+    accel: str = "tcg"
+    fill_mib: int = 32
+    dirty_rate_mib: int = 0
+    heartbeat_us: int = 2000
+    aux_ram_share: bool = False
+    name: str = "lu-fixture"
+    extra_args: list[str] = field(default_factory=list)
+
+
+class GuestStartError(RuntimeError):
+    """QEMU exited or the guest never sent a heartbeat; carries QEMU's log."""
+
+
+class FixtureVM:
+    """One fixture guest: its QEMU process, private folder and heartbeat reader.
+
+    Everything it creates lives in one 0700 folder, and teardown kills every
+    process whose command line names that folder, so the destination QEMU an
+    upgrade started from this VM's command line is cleaned up too.
+    """
+
+    def __init__(self, config: VMConfig, fixtures: FixturePaths | None = None):
+        self.config = config
+        self.fixtures = fixtures or find_fixtures()
+        self.uuid = str(uuidlib.uuid4())
+        self.dir = Path(tempfile.mkdtemp(prefix="lu-vm-", dir="/dev/shm"))
+        self.qmp_path = self.dir / "qmp.sock"
+        self.heartbeat = HeartbeatServer(self.dir / "hb.sock")
+        self.process: asyncio.subprocess.Process | None = None
+        self.boot_seconds: float | None = None
+
+    @property
+    def ram_file(self) -> Path:
+        return self.dir / "guest-ram"
+
+    @property
+    def disk_path(self) -> Path:
+        return self.dir / "disk.qcow2"
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    def argv(self) -> list[str]:
+        """The QEMU command line, written as an operator would write it."""
+        c = self.config
+        machine = f"{c.machine},accel={c.accel}"
+        args = [str(c.binary), "-name", c.name, "-uuid", self.uuid, "-m", f"{c.ram_mib}M",
+                "-smp", "1", "-nodefaults", "-no-user-config", "-display", "none",
+                "-qmp", f"unix:{self.qmp_path},server=on,wait=off"]
+        if c.backing is MemoryBacking.FILE:
+            args += ["-object", f"memory-backend-file,id=pc.ram,size={c.ram_mib}M,"
+                     f"mem-path={self.ram_file},share=on"]
+            machine += ",memory-backend=pc.ram"
+        elif c.backing is MemoryBacking.MEMFD:
+            args += ["-object", f"memory-backend-memfd,id=pc.ram,size={c.ram_mib}M,share=on"]
+            machine += ",memory-backend=pc.ram"
+        if c.aux_ram_share:
+            machine += ",aux-ram-share=on"
+        args += ["-machine", machine, "-chardev", f"socket,id=hb,path={self.heartbeat.path}"]
+        if c.guest is GuestKind.MICRO:
+            args += ["-serial", "chardev:hb", "-kernel", str(self.fixtures.microguest),
+                     "-append", f"fill={c.fill_mib} rate={c.dirty_rate_mib} hb={c.heartbeat_us}"]
+        else:
+            args += [
+                "-chardev", f"file,id=console,path={self.dir / 'console.log'},append=on",
+                "-serial", "chardev:console",
+                "-kernel", str(self.fixtures.linux_kernel),
+                "-initrd", str(self.fixtures.linux_initrd),
+                "-append", f"console=ttyS0 quiet lg.fill={c.fill_mib} lg.rate={c.dirty_rate_mib} "
+                           f"lg.hb={c.heartbeat_us}",
+                "-device", "virtio-serial-pci,id=vser0",
+                "-device", "virtserialport,chardev=hb,name=liveupgrade.hb",
+                "-drive", f"file={self.disk_path},if=none,id=disk0,format=qcow2",
+                "-device", "virtio-blk-pci,drive=disk0,id=vblk0",
+            ]
+        return args + c.extra_args
+
+    async def start(self, boot_timeout: float | None = None) -> None:
+        """Boot the guest and return once its first heartbeat has arrived."""
+        await self.heartbeat.start()
+        if self.config.guest is GuestKind.LINUX:
+            subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(self.disk_path), "64M"],
+                           check=True)
+        log = (self.dir / "qemu.log").open("wb")
+        started = time.monotonic()
+        self.process = await asyncio.create_subprocess_exec(
+            *self.argv(), stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+            start_new_session=True)
+        log.close()
+        timeout = boot_timeout or (15.0 if self.config.guest is GuestKind.MICRO else 90.0)
+        beat = asyncio.ensure_future(self.heartbeat.wait_beats(1, timeout))
+        exited = asyncio.ensure_future(self.process.wait())
+        done, _ = await asyncio.wait({beat, exited}, return_when=asyncio.FIRST_COMPLETED)
+        if exited in done:
+            beat.cancel()
+            raise GuestStartError(f"QEMU exited with {self.process.returncode}: {self.qemu_log()}")
+        exited.cancel()
+        try:
+            beat.result()
+        except TimeoutError as e:
+            raise GuestStartError(f"{e}; QEMU log: {self.qemu_log()}") from e
+        self.boot_seconds = self.heartbeat.log.beats[0].host_time - started
+
+    def qemu_log(self) -> str:
+        with contextlib.suppress(OSError):
+            return (self.dir / "qemu.log").read_text(errors="replace").strip()
+        return ""
+
+    @contextlib.asynccontextmanager
+    async def qmp(self, path: Path | None = None) -> AsyncIterator[QMPClient]:
+        """A short-lived QMP connection (QEMU serves one client per monitor)."""
+        client = QMPClient(self.config.name)
+        await client.connect(str(path or self.qmp_path))
+        try:
+            yield client
+        finally:
+            await client.disconnect()
+
+    def processes(self) -> list[psutil.Process]:
+        """Every live process whose command line names this VM's folder."""
+        found = []
+        for proc in psutil.process_iter(["cmdline"]):
+            cmdline = proc.info.get("cmdline") or []
+            if any(str(self.dir) in arg for arg in cmdline):
+                found.append(proc)
+        return found
+
+    async def close(self) -> None:
+        """Kill every QEMU of this VM and remove all its files and sockets."""
+        procs = self.processes()
+        for proc in procs:
+            with contextlib.suppress(psutil.Error):
+                proc.send_signal(signal.SIGKILL)
+        await asyncio.to_thread(psutil.wait_procs, procs, 5)
+        if self.process is not None and self.process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.process.kill()
+            await self.process.wait()
+        await self.heartbeat.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    async def __aenter__(self) -> FixtureVM:
+        try:
+            await self.start()
+        except BaseException:
+            await self.close()
+            raise
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()

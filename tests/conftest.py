@@ -1,0 +1,52 @@
+"""Shared fixtures: real QEMU binaries, fixture guests, and the accelerator decision."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import pytest
+
+from liveupgrade.rig import FixturePaths, FixtureVM, VMConfig, find_fixtures
+from liveupgrade.rig.kvm import decide_accel
+
+
+@pytest.fixture(scope="session")
+def fixtures() -> FixturePaths:
+    """The QEMU pair and guest images; a missing one fails loudly (run ./setup.sh)."""
+    return find_fixtures()
+
+
+@pytest.fixture(scope="session")
+def accel(fixtures: FixturePaths) -> str:
+    """TCG unless a probe shows KVM really runs guests at speed on this host."""
+    return decide_accel(fixtures.qemu_old).accel
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    try:
+        decision = decide_accel(find_fixtures().qemu_old)
+    except Exception as e:  # the session fixture will report the real failure
+        return f"liveupgrade accelerator: unknown ({e})"
+    return f"liveupgrade accelerator: {decision.accel} ({decision.reason})"
+
+
+VMFactory = Callable[..., Awaitable[FixtureVM]]
+
+
+@pytest.fixture
+async def make_vm(fixtures: FixturePaths, accel: str) -> AsyncIterator[VMFactory]:
+    """Boot fixture guests; every one (and any QEMU started from it) dies at teardown."""
+    vms: list[FixtureVM] = []
+
+    async def make(binary: Path | None = None, **kwargs: object) -> FixtureVM:
+        kwargs.setdefault("accel", accel)
+        config = VMConfig(binary=binary or fixtures.qemu_old, **kwargs)  # type: ignore[arg-type]
+        vm = FixtureVM(config, fixtures)
+        vms.append(vm)
+        await vm.start()
+        return vm
+
+    yield make
+    for vm in vms:
+        await vm.close()
