@@ -1,0 +1,106 @@
+"""What in a QEMU command line is a path the process holds, and which one is QMP.
+
+A destination started from the source's command line must not fight the
+source for these: listening sockets and the pidfile are given private paths
+on the destination and moved into place once the source has exited.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from liveupgrade.cmdline import CommandLine, KeyVals, Option
+
+# Options whose argument is a character-device spec such as "unix:PATH,server".
+CHARDEV_SPEC_OPTIONS = frozenset({"qmp", "qmp-pretty", "monitor", "serial", "parallel",
+                                  "virtioconsole", "debugcon"})
+TRUE_WORDS = frozenset({"on", "yes", "true", "y"})
+
+
+def kv_flag(kv: KeyVals, key: str, negation: str | None = None) -> bool | None:
+    """A boolean property written as key=on, as a bare word, or as its negation word."""
+    value = kv.get(key)
+    if value is not None:
+        return value in TRUE_WORDS
+    for k, v in kv.items[1:]:
+        if k is None and v == key:
+            return True
+        if k is None and negation and v == negation:
+            return False
+    return None
+
+
+@dataclass
+class HeldPath:
+    """A path the source process holds exclusively, and where it is written."""
+
+    option: Option
+    path: Path
+    kind: str  # "monitor", "chardev-server", "pidfile", "vnc"
+    is_qmp: bool = False
+    chardev_id: str | None = None
+
+
+def _spec_path(value: str) -> str | None:
+    head = KeyVals.parse(value).implied or ""
+    return head[len("unix:"):] if head.startswith("unix:") else None
+
+
+def held_paths(cmd: CommandLine) -> list[HeldPath]:
+    """Every listening unix socket, and the pidfile, in the command line."""
+    qmp_chardevs = {o.prop("chardev") for o in cmd.find("mon")
+                    if (o.prop("mode") or "readline") == "control"}
+    found: list[HeldPath] = []
+    for opt in cmd.options:
+        if opt.value is None:
+            continue
+        if opt.name in CHARDEV_SPEC_OPTIONS and not opt.is_json:
+            kv = opt.keyvals()
+            path = _spec_path(opt.value)
+            if path and kv_flag(kv, "server"):
+                found.append(HeldPath(opt, Path(path), "monitor",
+                                      is_qmp=opt.name in ("qmp", "qmp-pretty")))
+        elif opt.name == "chardev" and opt.prop("backend") == "socket":
+            path = opt.prop("path")
+            server = opt.prop("server")
+            is_server = (server in TRUE_WORDS) if server is not None else (
+                not opt.is_json and bool(kv_flag(opt.keyvals(), "server")))
+            if path and is_server:
+                ident = opt.prop("id")
+                found.append(HeldPath(opt, Path(path), "chardev-server",
+                                      is_qmp=ident in qmp_chardevs, chardev_id=ident))
+        elif opt.name == "pidfile":
+            found.append(HeldPath(opt, Path(opt.value), "pidfile"))
+        elif opt.name == "vnc" and opt.value.startswith("unix:"):
+            found.append(HeldPath(opt, Path(KeyVals.parse(opt.value[5:]).items[0][1]), "vnc"))
+    return found
+
+
+def qmp_paths(cmd: CommandLine) -> list[Path]:
+    return [h.path for h in held_paths(cmd) if h.is_qmp]
+
+
+def relocate(held: HeldPath, new_path: Path) -> None:
+    """Point the option at new_path and make a server socket not wait for a client."""
+    opt = held.option
+    assert opt.value is not None
+    if held.kind == "pidfile":
+        opt.value = str(new_path)
+    elif held.kind == "vnc":
+        opt.value = "unix:" + opt.value[5:].replace(str(held.path), str(new_path), 1)
+    elif held.kind == "monitor":
+        kv = opt.keyvals()
+        kv.items[0] = (None, f"unix:{new_path}")
+        kv.items = [(k, v) for k, v in kv.items if not (k is None and v in ("wait", "nowait"))]
+        kv.set("wait", "off")
+        opt.value = kv.render()
+    else:
+        opt.set_prop("path", str(new_path))
+        if opt.is_json:
+            opt.set_prop("wait", "off")
+        else:
+            kv = opt.keyvals()
+            kv.items = [(k, v) for k, v in kv.items if not (k is None and v in ("wait", "nowait"))]
+            kv.set("wait", "off")
+            opt.value = kv.render()

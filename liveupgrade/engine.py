@@ -1,0 +1,434 @@
+"""The upgrade engine: explicit phases, each able to undo itself.
+
+    inspect -> plan -> start destination -> transfer -> | switchover -> retire source -> relocate
+                                                        ^ point of no return
+
+Until the destination runs the guest, the source is authoritative: any
+error, a timeout, or cancellation (Ctrl-C, SIGTERM) cancels the migration,
+makes sure the source runs exactly as before, and kills the destination.
+Only one copy of the guest ever runs: the destination is started with -S
+and is resumed only after the source has stopped in migration.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+from qemu.qmp import QMPClient
+from qemu.qmp.events import EventListener
+
+from liveupgrade import monitor, source, target
+from liveupgrade.errors import (
+    DestinationFailed,
+    LiveUpgradeError,
+    MonitorError,
+    Refused,
+    SwitchoverFailed,
+    TargetBinaryError,
+    TransferFailed,
+)
+from liveupgrade.memory import layout
+from liveupgrade.modes import Mode, ModeInputs, Transfer, choose, parse_mode, transfer_settings
+from liveupgrade.plan import DestinationPlan, Override, build_destination
+from liveupgrade.report import UpgradeEvent, UpgradeResult
+
+EventCallback = Callable[[UpgradeEvent], None]
+ACTIVE_STATES = {"setup", "active", "pre-switchover", "device", "wait-unplug", "cancelling"}
+PROGRESS_INTERVAL = 0.1
+DESTINATION_START_TIMEOUT = 30.0
+SOURCE_EXIT_TIMEOUT = 10.0
+
+
+def runtime_base() -> Path:
+    """Where private run folders go: /run/liveupgrade as root, else XDG_RUNTIME_DIR or /tmp."""
+    if os.geteuid() == 0 and Path("/run").is_dir():
+        base = Path("/run/liveupgrade")
+    else:
+        base = Path(os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir())
+    base.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return base
+
+
+@dataclass
+class _Run:
+    """The state one upgrade accumulates as its phases run."""
+
+    on_event: EventCallback
+    phases_ms: dict[str, float] = field(default_factory=dict)
+    src: source.SourceProcess | None = None
+    src_qmp: QMPClient | None = None
+    state: source.SourceState | None = None
+    info: target.TargetInfo | None = None
+    transfer: Transfer | None = None
+    plan: DestinationPlan | None = None
+    rundir: Path | None = None
+    dst_proc: asyncio.subprocess.Process | None = None
+    dst_qmp: QMPClient | None = None
+    dst_events: EventListener | None = None
+    migration: dict[str, Any] = field(default_factory=dict)
+
+    def emit(self, phase: str, message: str, **figures: int | None) -> None:
+        self.on_event(UpgradeEvent(phase, message, **figures))
+
+    @contextlib.asynccontextmanager
+    async def phase(self, name: str, message: str) -> AsyncIterator[None]:
+        self.emit(name, message)
+        started = time.monotonic()
+        try:
+            yield
+        finally:
+            self.phases_ms[name] = round((time.monotonic() - started) * 1e3, 1)
+
+
+async def upgrade(
+    source_spec: str | int,
+    target_binary: str | Path,
+    *,
+    mode: str | Mode = Mode.AUTO,
+    bandwidth: float | None = None,
+    timeout: float = 600.0,
+    downtime_limit: int = 100,
+    overrides: list[str] | list[Override] | None = None,
+    on_event: EventCallback | None = None,
+) -> UpgradeResult:
+    """Move the running VM `source_spec` (PID, QMP socket path, or -name) into `target_binary`.
+
+    `bandwidth` caps the copy in MiB/s (default unlimited); `timeout` bounds
+    everything before switchover, in seconds; `downtime_limit` is QEMU's
+    target for the final stop-and-copy, in ms; `overrides` are --set style
+    "ID.KEY=VALUE" host-side changes for the destination. Raises a
+    LiveUpgradeError subclass naming the cause; before switchover that means
+    the VM still runs on the source, untouched.
+    """
+    run = _Run(on_event or (lambda _e: None))
+    requested = mode if isinstance(mode, Mode) else parse_mode(mode)
+    parsed = [o if isinstance(o, Override) else Override.parse(o) for o in overrides or []]
+    if timeout <= 0:
+        raise Refused("--timeout must be positive")
+    try:
+        async with run.phase("inspect", "reading the source VM"):
+            await _inspect(run, source_spec)
+        async with run.phase("plan", "probing the target QEMU and planning"):
+            await _plan(run, Path(target_binary), requested, parsed, bandwidth, downtime_limit)
+        try:
+            async with asyncio.timeout(timeout):
+                async with run.phase("destination", "starting the destination QEMU"):
+                    await _start_destination(run)
+                async with run.phase("transfer", f"transferring state ({run.transfer.mode.value})"):  # type: ignore[union-attr]
+                    await _transfer(run)
+        except TimeoutError:
+            await _rollback(run)
+            raise TransferFailed(f"the upgrade did not reach switchover within {timeout:.0f} s; "
+                                 "the migration was cancelled and the VM runs on the source",
+                                 "raise --timeout, or --bandwidth / --downtime-limit") from None
+        except asyncio.CancelledError:
+            await asyncio.shield(_rollback(run))
+            raise
+        except BaseException:
+            await asyncio.shield(_rollback(run))
+            raise
+        # Shielded: a Ctrl-C from here on must not leave the VM half-moved.
+        return await asyncio.shield(_finish(run))
+    finally:
+        for client in (run.src_qmp, run.dst_qmp):
+            if client is not None:
+                with contextlib.suppress(Exception):
+                    await client.disconnect()
+
+
+async def _inspect(run: _Run, spec: str | int) -> None:
+    run.src = await asyncio.to_thread(source.resolve, spec)
+    run.src_qmp = await source.connect_source(run.src)
+    run.state = await source.query_state(run.src_qmp, run.src.pid)
+
+
+async def _plan(run: _Run, binary: Path, requested: Mode, overrides: list[Override],
+                bandwidth: float | None, downtime_limit: int) -> None:
+    assert run.src and run.state and run.src_qmp
+    run.info = await target.probe(binary)
+    src_arch = (await monitor.execute(run.src_qmp, "query-target"))["arch"]
+    if run.info.arch != src_arch:
+        raise TargetBinaryError(f"{binary} emulates {run.info.arch}, the VM is {src_arch}",
+                                f"give a qemu-system-{src_arch} binary")
+    if run.state.machine not in run.info.machines:
+        raise Refused(f"QEMU {run.info.version} at {binary} does not support machine type "
+                      f"{run.state.machine}, which the VM runs",
+                      "upgrade to a QEMU that still provides this versioned machine type")
+    kvm = await monitor.execute(run.src_qmp, "query-kvm")
+    facts = ModeInputs(
+        memory=layout(run.src.cmdline), source_version=run.state.version,
+        target_version=run.info.version, source_caps=run.state.capabilities,
+        target_caps=run.info.capabilities, target_params=run.info.parameters,
+        tcg=not kvm.get("enabled", False))
+    chosen, reason = choose(requested, facts)
+    run.transfer = transfer_settings(chosen, reason, facts, bandwidth_mib=bandwidth,
+                                     downtime_limit_ms=downtime_limit)
+    run.rundir = Path(tempfile.mkdtemp(prefix="upgrade-", dir=runtime_base()))
+    run.plan = build_destination(run.src.argv, target_binary=run.info.path,
+                                 machine=run.state.machine, mode=chosen, rundir=run.rundir,
+                                 overrides=overrides)
+    run.emit("plan", f"mode {chosen.value}: {reason}")
+
+
+async def _start_destination(run: _Run) -> None:
+    plan, transfer = run.plan, run.transfer
+    assert plan and transfer and run.rundir
+    for rel in plan.relocations:
+        rel.private.parent.mkdir(mode=0o700, exist_ok=True)
+    log = (run.rundir / "destination.log").open("ab")
+    try:
+        run.dst_proc = await asyncio.create_subprocess_exec(
+            *plan.argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+            env=target.clean_env(), start_new_session=True, umask=0o077)
+    except OSError as e:
+        raise DestinationFailed(f"cannot start {plan.argv[0]}: {e.strerror}") from e
+    finally:
+        log.close()
+    if transfer.mode is Mode.CPR_TRANSFER:
+        assert plan.cpr_path
+        await _wait_for_path(run, plan.cpr_path)  # its monitor waits for the cpr channel
+        return
+    await _connect_destination(run)
+    await monitor.execute(run.dst_qmp, "migrate-incoming",  # type: ignore[arg-type]
+                          {"uri": f"unix:{plan.migrate_path}"}, what="destination")
+
+
+async def _wait_for_path(run: _Run, path: Path) -> None:
+    assert run.dst_proc
+    deadline = time.monotonic() + DESTINATION_START_TIMEOUT
+    while not path.exists():
+        if run.dst_proc.returncode is not None:
+            raise DestinationFailed(f"the destination QEMU exited with {run.dst_proc.returncode}: "
+                                    f"{_destination_log(run)}",
+                                    "the VM still runs on the source; fix the cause and retry")
+        if time.monotonic() > deadline:
+            raise DestinationFailed(f"the destination did not open {path} within "
+                                    f"{DESTINATION_START_TIMEOUT:.0f} s: {_destination_log(run)}")
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(run.dst_proc.wait()), 0.01)
+
+
+async def _connect_destination(run: _Run) -> None:
+    assert run.plan and run.transfer
+    await _wait_for_path(run, run.plan.qmp_path)
+    run.dst_qmp = await monitor.connect(run.plan.qmp_path, "destination")
+    run.dst_events = EventListener(("MIGRATION",))
+    run.dst_qmp.register_listener(run.dst_events)
+    await _set_migration(run.dst_qmp, run.transfer.target_caps, run.transfer.target_params,
+                         "destination")
+
+
+async def _set_migration(client: QMPClient, caps: dict[str, bool], params: dict[str, Any],
+                         side: str) -> None:
+    if caps:
+        await monitor.execute(client, "migrate-set-capabilities", {"capabilities": [
+            {"capability": k, "state": v} for k, v in caps.items()]}, what=side)
+    if params:
+        await monitor.execute(client, "migrate-set-parameters", params, what=side)
+
+
+def _destination_log(run: _Run) -> str:
+    if run.rundir is None:
+        return ""
+    with contextlib.suppress(OSError):
+        text = (run.rundir / "destination.log").read_text(errors="replace").strip()
+        return text[-800:] or "(no output)"
+    return "(no output)"
+
+
+async def _transfer(run: _Run) -> None:
+    plan, transfer, src_qmp = run.plan, run.transfer, run.src_qmp
+    assert plan and transfer and src_qmp and run.dst_proc
+    await _set_migration(src_qmp, transfer.source_caps, transfer.source_params, "source")
+    main = {"transport": "socket", "type": "unix", "path": str(plan.migrate_path)}
+    if transfer.mode is Mode.CPR_TRANSFER:
+        assert plan.cpr_path
+        cpr = {"transport": "socket", "type": "unix", "path": str(plan.cpr_path)}
+        await monitor.execute(src_qmp, "migrate", {"channels": [
+            {"channel-type": "main", "addr": main}, {"channel-type": "cpr", "addr": cpr}]},
+            what="source")
+        await _connect_destination(run)
+        await monitor.execute(run.dst_qmp, "migrate-incoming",  # type: ignore[arg-type]
+                              {"channels": [{"channel-type": "main", "addr": main}]},
+                              what="destination")
+    else:
+        await monitor.execute(src_qmp, "migrate", {"uri": f"unix:{plan.migrate_path}"},
+                              what="source")
+    await _await_completion(run)
+
+
+async def _await_completion(run: _Run) -> None:
+    """Follow the migration until the destination has loaded the whole VM state.
+
+    The destination's MIGRATION event says "completed" the moment it can run
+    the guest; reacting to it (not to a poll) keeps the guest's pause short.
+    The source is polled for progress and for QEMU's reason when it fails.
+    """
+    assert run.src_qmp and run.dst_proc and run.dst_events
+    next_poll = 0.0
+    while True:
+        with contextlib.suppress(TimeoutError):
+            event = await asyncio.wait_for(run.dst_events.get(), PROGRESS_INTERVAL)
+            status = event["data"]["status"]
+            if status == "completed":
+                return
+            if status == "failed":
+                raise DestinationFailed("the destination failed to load the VM state: "
+                                        f"{_destination_log(run)}")
+        if run.dst_proc.returncode is not None:
+            raise DestinationFailed(f"the destination QEMU exited during the transfer with "
+                                    f"{run.dst_proc.returncode}: {_destination_log(run)}")
+        if time.monotonic() < next_poll:
+            continue
+        next_poll = time.monotonic() + PROGRESS_INTERVAL
+        info = await monitor.execute(run.src_qmp, "query-migrate", what="source")
+        src_status = info.get("status")
+        ram = info.get("ram") or {}
+        run.emit("transfer", f"migration {src_status}", ram_transferred=ram.get("transferred"),
+                 ram_total=ram.get("total"))
+        if src_status in ("failed", "cancelled"):
+            detail = info.get("error-desc") or _destination_log(run)
+            raise TransferFailed(f"the migration {src_status}: {detail}",
+                                 "the VM still runs on the source; see the cause above")
+
+
+async def _rollback(run: _Run) -> None:
+    """Undo everything before switchover: the source runs as before, the destination is gone."""
+    run.emit("rollback", "rolling back: the VM stays on the source")
+    if run.src_qmp is not None and run.state is not None:
+        with contextlib.suppress(Exception):
+            info = await run.src_qmp.execute("query-migrate")
+            if info.get("status") in ACTIVE_STATES:
+                await run.src_qmp.execute("migrate_cancel")
+                for _ in range(200):
+                    info = await run.src_qmp.execute("query-migrate")
+                    if info.get("status") not in ACTIVE_STATES:
+                        break
+                    await asyncio.sleep(0.01)
+    await _kill_destination(run)
+    if run.src_qmp is not None and run.state is not None:
+        with contextlib.suppress(Exception):
+            status = await run.src_qmp.execute("query-status")
+            if run.state.running and not status["running"]:
+                await run.src_qmp.execute("cont")
+        with contextlib.suppress(Exception):
+            await run.src_qmp.execute("migrate-set-capabilities", {"capabilities": [
+                {"capability": k, "state": False}
+                for k in (run.transfer.source_caps if run.transfer else {}) if k != "events"]})
+    _remove_private_paths(run)
+
+
+async def _kill_destination(run: _Run) -> None:
+    if run.dst_qmp is not None:
+        with contextlib.suppress(Exception):
+            await run.dst_qmp.disconnect()
+        run.dst_qmp = None
+    proc = run.dst_proc
+    if proc is not None and proc.returncode is None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGKILL)
+        await proc.wait()
+
+
+def _remove_private_paths(run: _Run) -> None:
+    if run.plan is not None:
+        for rel in run.plan.relocations:
+            shutil.rmtree(rel.private.parent, ignore_errors=True)
+    if run.rundir is not None:
+        shutil.rmtree(run.rundir, ignore_errors=True)
+
+
+async def _finish(run: _Run) -> UpgradeResult:
+    """Switchover, then retire the source and move the destination's paths into place."""
+    assert run.src and run.state and run.src_qmp and run.dst_proc and run.plan and run.transfer
+    assert run.info and run.dst_qmp
+    async with run.phase("switchover", "resuming the guest on the destination"):
+        if run.state.running:
+            try:
+                await monitor.execute(run.dst_qmp, "cont", what="destination")
+            except (MonitorError, ConnectionError) as e:
+                # The destination never ran the guest: the source can still take it back.
+                await _rollback(run)
+                raise TransferFailed(f"the destination would not resume the guest: {e}; "
+                                     "the VM runs on the source") from e
+        # ---- point of no return: the guest lives in the destination from here ----
+        status = await run.dst_qmp.execute("query-status")
+    run.migration = await run.src_qmp.execute("query-migrate")
+    async with run.phase("retire", "stopping the old QEMU"):
+        await _retire_source(run)
+    async with run.phase("relocate", "moving sockets and pidfile into place"):
+        moved = _relocate(run)
+    m = run.migration
+    return UpgradeResult(
+        name=run.state.name, uuid=run.state.uuid, machine=run.state.machine,
+        mode=run.transfer.mode.value, mode_reason=run.transfer.reason,
+        source_pid=run.src.pid, destination_pid=run.dst_proc.pid,
+        source_version=str(run.state.version), target_version=str(run.info.version),
+        target_binary=str(run.info.path), guest_running=bool(status["running"]),
+        downtime_ms=m.get("downtime"), total_time_ms=m.get("total-time"),
+        setup_time_ms=m.get("setup-time"),
+        ram_transferred_bytes=(m.get("ram") or {}).get("transferred"),
+        bytes_transferred=(m.get("ram") or {}).get("total"),
+        phases_ms=dict(run.phases_ms), destination_argv=run.plan.argv, moved_paths=moved)
+
+
+async def _retire_source(run: _Run) -> None:
+    assert run.src and run.src_qmp
+    with contextlib.suppress(Exception):
+        await run.src_qmp.execute("quit")
+    with contextlib.suppress(Exception):
+        await run.src_qmp.disconnect()
+    run.src_qmp = None
+    if not await _wait_gone(run.src.pid, SOURCE_EXIT_TIMEOUT):
+        with contextlib.suppress(psutil.Error):
+            psutil.Process(run.src.pid).kill()
+        await _wait_gone(run.src.pid, SOURCE_EXIT_TIMEOUT)
+
+
+async def _wait_gone(pid: int, timeout: float) -> bool:
+    """Wait for a process to exit without reaping it (its parent may be waiting on it)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                return True
+        except psutil.NoSuchProcess:
+            return True
+        await asyncio.sleep(0.005)
+    return False
+
+
+def _relocate(run: _Run) -> list[str]:
+    """Put the destination's sockets and pidfile where the source had them."""
+    assert run.plan
+    moved, failed = [], []
+    for rel in run.plan.relocations:
+        try:
+            os.replace(rel.private, rel.original)
+            moved.append(str(rel.original))
+        except OSError as e:
+            failed.append(f"{rel.private} -> {rel.original}: {e.strerror}")
+        with contextlib.suppress(OSError):
+            rel.private.parent.rmdir()
+    if run.rundir is not None:
+        shutil.rmtree(run.rundir, ignore_errors=True)
+    if failed:
+        raise SwitchoverFailed(
+            "the guest runs on the new QEMU, but these paths could not be moved into place: "
+            + "; ".join(failed), "move them by hand; the new QEMU listens on the private paths")
+    return moved
+
+
+__all__ = ["LiveUpgradeError", "UpgradeEvent", "UpgradeResult", "upgrade"]

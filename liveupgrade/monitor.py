@@ -1,0 +1,69 @@
+"""QMP connections with timeouts and errors an operator can act on."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from qemu.qmp import ConnectError, ExecuteError, QMPClient
+
+from liveupgrade.errors import MonitorBusy, MonitorError
+
+CONNECT_TIMEOUT = 3.0
+
+
+async def connect(path: Path, name: str, timeout: float = CONNECT_TIMEOUT) -> QMPClient:
+    """Open a QMP session, telling "nobody listens" from "someone else is connected".
+
+    A QEMU monitor socket accepts one client: a second connect() is queued by
+    the kernel and QEMU never sends it a greeting, so a timeout means busy.
+    """
+    client = QMPClient(name)
+    try:
+        await asyncio.wait_for(client.connect(str(path)), timeout)
+    except TimeoutError:
+        with contextlib.suppress(Exception):
+            await client.disconnect()
+        raise MonitorBusy(
+            f"the QMP monitor at {path} did not greet us within {timeout:.0f} s: "
+            "another client is connected to it (QEMU serves one client per monitor socket)",
+            "disconnect the other client (a management tool or qmp-shell), or give QEMU a "
+            "second monitor, e.g. -qmp unix:/run/vm-upgrade.sock,server=on,wait=off",
+        ) from None
+    except ConnectError as e:
+        root = e.exc
+        if isinstance(root, FileNotFoundError) or getattr(root, "errno", None) == errno.ENOENT:
+            raise MonitorError(f"no QMP socket at {path}",
+                               "check the path, or that the VM is running") from e
+        if isinstance(root, ConnectionRefusedError):
+            raise MonitorError(f"nothing listens on the QMP socket {path} (stale socket file)",
+                               "the QEMU that made it has exited; give a running VM") from e
+        if isinstance(root, PermissionError):
+            raise MonitorError(f"permission denied opening {path}",
+                               "run as the VM's owner or as root") from e
+        raise MonitorError(f"cannot open the QMP monitor at {path}: {root}") from e
+    return client
+
+
+@contextlib.asynccontextmanager
+async def session(path: Path, name: str) -> AsyncIterator[QMPClient]:
+    client = await connect(path, name)
+    try:
+        yield client
+    finally:
+        with contextlib.suppress(Exception):
+            await client.disconnect()
+
+
+async def execute(client: QMPClient, cmd: str, args: dict[str, Any] | None = None,
+                  what: str = "") -> Any:
+    """Run a QMP command; a QEMU error becomes a MonitorError that quotes it."""
+    try:
+        return await client.execute(cmd, args)
+    except ExecuteError as e:
+        where = f" on {what}" if what else ""
+        raise MonitorError(f"QEMU refused {cmd}{where}: {e.error.desc}") from e

@@ -1,0 +1,150 @@
+"""Build the destination's command line from the source's.
+
+Pure logic over parsed data: the same inputs always give the same plan, so
+it is unit-tested without QEMU and shown to operators before anything runs.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from liveupgrade.cmdline import CommandLine, Option
+from liveupgrade.endpoints import HeldPath, held_paths, relocate
+from liveupgrade.errors import Refused, UsageError
+from liveupgrade.modes import Mode
+
+ENGINE_MONITOR_ID = "liveupgrade-qmp"
+
+# What --set may change: host-side properties only, never guest-visible hardware.
+OVERRIDABLE = {
+    "drive": {"file", "cache", "aio", "discard", "detect-zeroes"},
+    "blockdev": {"filename", "aio", "discard", "detect-zeroes", "cache.direct", "cache.no-flush"},
+    "chardev": {"path", "logfile"},
+}
+
+
+@dataclass(frozen=True)
+class Override:
+    """`--set ID.KEY=VALUE`: change one property of the option with that id."""
+
+    ident: str
+    key: str
+    value: str
+
+    @classmethod
+    def parse(cls, text: str) -> Override:
+        target, sep, value = text.partition("=")
+        ident, dot, key = target.partition(".")
+        if not sep or not dot or not ident or not key:
+            raise UsageError(f"--set {text!r} is not ID.KEY=VALUE",
+                             "e.g. --set disk0.file=/var/lib/images/copy.qcow2")
+        return cls(ident, key, value)
+
+
+@dataclass(frozen=True)
+class Relocation:
+    """A path the destination uses privately until the source has exited."""
+
+    private: Path
+    original: Path
+    kind: str
+
+
+@dataclass
+class DestinationPlan:
+    argv: list[str]
+    qmp_path: Path  # the engine's own monitor on the destination
+    migrate_path: Path
+    cpr_path: Path | None
+    relocations: list[Relocation] = field(default_factory=list)
+
+
+def private_sibling(original: Path, token: str) -> Path:
+    """A private path beside the original: same filesystem, so a rename is atomic."""
+    return original.parent / f".liveupgrade-{token}" / original.name
+
+
+def _set_machine(cmd: CommandLine, machine: str) -> None:
+    for opt in cmd.find("machine"):
+        if opt.prop("type") is not None:
+            opt.set_prop("type", machine)
+            return
+    cmd.options.insert(0, Option("machine", machine))
+
+
+def _drop_engine_monitor(cmd: CommandLine) -> None:
+    """Remove the monitor an earlier upgrade gave this VM (it has no path any more)."""
+    cmd.options = [o for o in cmd.options
+                   if not (o.name == "chardev" and o.prop("id") == ENGINE_MONITOR_ID)
+                   and not (o.name == "mon" and o.prop("chardev") == ENGINE_MONITOR_ID)]
+
+
+def _apply_override(cmd: CommandLine, ov: Override) -> None:
+    for name in ("drive", "blockdev", "chardev", "device", "object", "netdev"):
+        opt = cmd.by_id(name, ov.ident)
+        if opt is None:
+            continue
+        if ov.key not in OVERRIDABLE.get(name, set()):
+            allowed = ", ".join(sorted(OVERRIDABLE.get(name, set()))) or "nothing"
+            raise Refused(f"--set {ov.ident}.{ov.key}: changing '{ov.key}' of -{name} "
+                          "could change guest-visible hardware or state",
+                          f"for -{name}, --set may change: {allowed}")
+        opt.set_prop(ov.key, ov.value)
+        return
+    raise Refused(f"--set {ov.ident}.{ov.key}: no -drive/-blockdev/-chardev with id {ov.ident!r}",
+                  "use an id from the VM's command line")
+
+
+def _file_chardevs_append(cmd: CommandLine) -> None:
+    """The destination must append to log files, never truncate the source's output."""
+    for opt in cmd.find("chardev"):
+        if opt.prop("backend") == "file" and not opt.is_json:
+            kv = opt.keyvals()
+            kv.set("append", "on")
+            opt.value = kv.render()
+
+
+def build_destination(source_argv: list[str], *, target_binary: Path, machine: str,
+                      mode: Mode, rundir: Path, overrides: list[Override] | None = None,
+                      token: str | None = None) -> DestinationPlan:
+    """The destination argv: the source's, with the changes an upgrade needs.
+
+    - the new binary, and the source's concrete versioned machine type;
+    - -S and -incoming defer (plus the cpr channel for cpr-transfer);
+    - every listening socket and the pidfile at a private path beside the
+      original, moved into place after the source exits;
+    - a monitor of the engine's own in `rundir`;
+    - no -daemonize: the engine starts the destination in its own session;
+    - file chardevs appended to, and the operator's --set overrides.
+    """
+    token = token or secrets.token_hex(4)
+    cmd = CommandLine.parse(source_argv)
+    cmd.binary = str(target_binary)
+    for name in ("S", "incoming", "daemonize"):
+        cmd.remove(name)
+    _drop_engine_monitor(cmd)
+    _set_machine(cmd, machine)
+    relocations = []
+    held: list[HeldPath] = held_paths(cmd)
+    for h in held:
+        private = private_sibling(h.path, token)
+        relocate(h, private)
+        relocations.append(Relocation(private, h.path, h.kind))
+    _file_chardevs_append(cmd)
+    for ov in overrides or []:
+        _apply_override(cmd, ov)
+    qmp_path = rundir / "qmp.sock"
+    migrate_path = rundir / "migrate.sock"
+    cmd.add("chardev", f"socket,id={ENGINE_MONITOR_ID},path={qmp_path},server=on,wait=off")
+    cmd.add("mon", f"chardev={ENGINE_MONITOR_ID},mode=control")
+    cmd.add("S")
+    cmd.add("incoming", "defer")
+    cpr_path = None
+    if mode is Mode.CPR_TRANSFER:
+        cpr_path = rundir / "cpr.sock"
+        cmd.add("incoming", json.dumps({"channel-type": "cpr", "addr": {
+            "transport": "socket", "type": "unix", "path": str(cpr_path)}}))
+    return DestinationPlan(cmd.argv(), qmp_path, migrate_path, cpr_path, relocations)
