@@ -296,7 +296,7 @@ async def _await_completion(run: _Run) -> None:
         info = await monitor.execute(run.src_qmp, "query-migrate", what="source")
         src_status = info.get("status")
         ram = info.get("ram") or {}
-        run.emit("transfer", f"migration {src_status}", ram_transferred=ram.get("transferred"),
+        run.emit("progress", f"migration {src_status}", ram_transferred=ram.get("transferred"),
                  ram_total=ram.get("total"))
         if src_status in ("failed", "cancelled"):
             detail = info.get("error-desc") or _destination_log(run)

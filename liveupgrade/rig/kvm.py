@@ -8,8 +8,11 @@ boots the microguest under KVM and counts heartbeats against guest time.
 from __future__ import annotations
 
 import asyncio
-import functools
+import contextlib
+import dataclasses
+import json
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,10 +52,33 @@ async def probe_kvm(binary: Path) -> AccelDecision:
                                 "(emulated or nested KVM); using TCG")
 
 
-@functools.cache
-def decide_accel(binary: Path) -> AccelDecision:
+def _cache_file() -> Path:
+    return Path(tempfile.gettempdir()) / "liveupgrade-kvm-probe.json"
+
+
+def _cache_key(binary: Path) -> str:
+    """The probe holds until the host reboots or the binary changes."""
+    boot_id = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    st = binary.resolve().stat()
+    return f"{boot_id}:{binary.resolve()}:{st.st_ino}:{st.st_mtime_ns}"
+
+
+async def decide_accel_async(binary: Path) -> AccelDecision:
     """The accelerator for this host; LIVEUPGRADE_ACCEL=tcg|kvm overrides the probe."""
     forced = os.environ.get("LIVEUPGRADE_ACCEL")
     if forced in ("tcg", "kvm"):
         return AccelDecision(forced, "LIVEUPGRADE_ACCEL")
-    return asyncio.run(probe_kvm(binary))
+    key = _cache_key(binary)
+    with contextlib.suppress(OSError, ValueError, KeyError):
+        cached = json.loads(_cache_file().read_text())
+        if cached["key"] == key:
+            return AccelDecision(cached["accel"], cached["reason"] + " (cached)")
+    decision = await probe_kvm(binary)
+    with contextlib.suppress(OSError):
+        _cache_file().write_text(json.dumps({"key": key, **dataclasses.asdict(decision)}))
+    return decision
+
+
+def decide_accel(binary: Path) -> AccelDecision:
+    """decide_accel_async, for callers outside an event loop."""
+    return asyncio.run(decide_accel_async(binary))
