@@ -42,6 +42,22 @@ class HeldPath:
     chardev_id: str | None = None
 
 
+PRIVATE_DIR_PREFIX = ".liveupgrade-"
+
+
+def private_sibling(original: Path, token: str) -> Path:
+    """A private path beside the original: same filesystem, so a rename is atomic."""
+    return original.parent / f"{PRIVATE_DIR_PREFIX}{token}" / original.name
+
+
+def original_path(path: Path) -> Path:
+    """Undo private_sibling: a QEMU an earlier upgrade started still names the
+    private path in its argv, but the socket has since been moved into place."""
+    if path.parent.name.startswith(PRIVATE_DIR_PREFIX):
+        return path.parent.parent / path.name
+    return path
+
+
 def _spec_path(value: str) -> str | None:
     head = KeyVals.parse(value).implied or ""
     return head[len("unix:"):] if head.startswith("unix:") else None
@@ -59,7 +75,7 @@ def held_paths(cmd: CommandLine) -> list[HeldPath]:
             kv = opt.keyvals()
             path = _spec_path(opt.value)
             if path and kv_flag(kv, "server"):
-                found.append(HeldPath(opt, Path(path), "monitor",
+                found.append(HeldPath(opt, original_path(Path(path)), "monitor",
                                       is_qmp=opt.name in ("qmp", "qmp-pretty")))
         elif opt.name == "chardev" and opt.prop("backend") == "socket":
             path = opt.prop("path")
@@ -68,12 +84,13 @@ def held_paths(cmd: CommandLine) -> list[HeldPath]:
                 not opt.is_json and bool(kv_flag(opt.keyvals(), "server")))
             if path and is_server:
                 ident = opt.prop("id")
-                found.append(HeldPath(opt, Path(path), "chardev-server",
+                found.append(HeldPath(opt, original_path(Path(path)), "chardev-server",
                                       is_qmp=ident in qmp_chardevs, chardev_id=ident))
         elif opt.name == "pidfile":
-            found.append(HeldPath(opt, Path(opt.value), "pidfile"))
+            found.append(HeldPath(opt, original_path(Path(opt.value)), "pidfile"))
         elif opt.name == "vnc" and opt.value.startswith("unix:"):
-            found.append(HeldPath(opt, Path(KeyVals.parse(opt.value[5:]).items[0][1]), "vnc"))
+            raw = Path(KeyVals.parse(opt.value[5:]).items[0][1])
+            found.append(HeldPath(opt, original_path(raw), "vnc"))
     return found
 
 
@@ -88,7 +105,9 @@ def relocate(held: HeldPath, new_path: Path) -> None:
     if held.kind == "pidfile":
         opt.value = str(new_path)
     elif held.kind == "vnc":
-        opt.value = "unix:" + opt.value[5:].replace(str(held.path), str(new_path), 1)
+        kv = KeyVals.parse(opt.value[5:])
+        kv.items[0] = (None, str(new_path))
+        opt.value = "unix:" + kv.render()
     elif held.kind == "monitor":
         kv = opt.keyvals()
         kv.items[0] = (None, f"unix:{new_path}")

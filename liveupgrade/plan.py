@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from liveupgrade.cmdline import CommandLine, Option
-from liveupgrade.endpoints import HeldPath, held_paths, relocate
+from liveupgrade.endpoints import HeldPath, held_paths, private_sibling, relocate
 from liveupgrade.errors import Refused, UsageError
 from liveupgrade.modes import Mode
 
@@ -60,11 +60,6 @@ class DestinationPlan:
     migrate_path: Path
     cpr_path: Path | None
     relocations: list[Relocation] = field(default_factory=list)
-
-
-def private_sibling(original: Path, token: str) -> Path:
-    """A private path beside the original: same filesystem, so a rename is atomic."""
-    return original.parent / f".liveupgrade-{token}" / original.name
 
 
 def _set_machine(cmd: CommandLine, machine: str) -> None:

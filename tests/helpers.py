@@ -1,0 +1,47 @@
+"""Checks a user of the guest would make after an upgrade."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import psutil
+
+from liveupgrade.rig import FixtureVM
+
+
+async def assert_guest_intact(vm: FixtureVM) -> None:
+    """The guest kept counting and a whole memory verify pass found nothing wrong."""
+    last = vm.heartbeat.log.last
+    assert last is not None
+    await vm.heartbeat.wait_for(lambda log: bool(log.last and log.last.passes >= last.passes + 2),
+                                60)
+    log = vm.heartbeat.log
+    assert log.sequence_faults() == [], log.sequence_faults()
+    assert log.last is not None and log.last.errors == 0, log.error_lines
+    assert log.error_lines == []
+
+
+def qemu_pids(vm: FixtureVM) -> list[int]:
+    return sorted(p.pid for p in vm.processes())
+
+
+def leftovers(vm: FixtureVM) -> list[str]:
+    """Private folders the engine made beside the VM's sockets and did not remove."""
+    return [name for name in os.listdir(vm.dir) if name.startswith(".liveupgrade-")]
+
+
+def exe_of(pid: int) -> str:
+    return os.readlink(f"/proc/{pid}/exe")
+
+
+def is_running(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def runtime_dirs() -> list[Path]:
+    base = Path("/run/liveupgrade")
+    return sorted(base.glob("upgrade-*")) if base.exists() else []
