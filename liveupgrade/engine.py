@@ -223,7 +223,16 @@ async def _wait_for_path(run: _Run, path: Path) -> None:
 async def _connect_destination(run: _Run) -> None:
     assert run.plan and run.transfer
     await _wait_for_path(run, run.plan.qmp_path)
-    run.dst_qmp = await monitor.connect(run.plan.qmp_path, "destination")
+    try:
+        run.dst_qmp = await monitor.connect(run.plan.qmp_path, "destination")
+    except MonitorError as e:
+        # Usually the destination died right after opening its monitor: say why.
+        assert run.dst_proc
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(run.dst_proc.wait()), 2)
+        raise DestinationFailed(f"the destination QEMU's monitor failed ({e}): "
+                                f"{_destination_log(run)}",
+                                "the VM still runs on the source; fix the cause and retry") from e
     run.dst_events = EventListener(("MIGRATION",))
     run.dst_qmp.register_listener(run.dst_events)
     await _set_migration(run.dst_qmp, run.transfer.target_caps, run.transfer.target_params,

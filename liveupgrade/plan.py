@@ -28,20 +28,27 @@ OVERRIDABLE = {
 
 @dataclass(frozen=True)
 class Override:
-    """`--set ID.KEY=VALUE`: change one property of the option with that id."""
+    """`--set ID.KEY=VALUE`: change one property of the option with that id.
 
-    ident: str
-    key: str
+    Both ids (``pc.ram``) and keys (``cache.direct``) may contain dots, so the
+    split is decided against the command line: the longest id that exists.
+    """
+
+    target: str
     value: str
 
     @classmethod
     def parse(cls, text: str) -> Override:
         target, sep, value = text.partition("=")
-        ident, dot, key = target.partition(".")
-        if not sep or not dot or not ident or not key:
+        if not sep or "." not in target.strip(".") or target.startswith("."):
             raise UsageError(f"--set {text!r} is not ID.KEY=VALUE",
                              "e.g. --set disk0.file=/var/lib/images/copy.qcow2")
-        return cls(ident, key, value)
+        return cls(target, value)
+
+    def splits(self) -> list[tuple[str, str]]:
+        """Every (id, key) reading of the target, longest id first."""
+        dots = [i for i, ch in enumerate(self.target) if ch == "."]
+        return [(self.target[:i], self.target[i + 1:]) for i in reversed(dots)]
 
 
 @dataclass(frozen=True)
@@ -78,19 +85,21 @@ def _drop_engine_monitor(cmd: CommandLine) -> None:
 
 
 def _apply_override(cmd: CommandLine, ov: Override) -> None:
-    for name in ("drive", "blockdev", "chardev", "device", "object", "netdev"):
-        opt = cmd.by_id(name, ov.ident)
-        if opt is None:
-            continue
-        if ov.key not in OVERRIDABLE.get(name, set()):
-            allowed = ", ".join(sorted(OVERRIDABLE.get(name, set()))) or "nothing"
-            raise Refused(f"--set {ov.ident}.{ov.key}: changing '{ov.key}' of -{name} "
-                          "could change guest-visible hardware or state",
-                          f"for -{name}, --set may change: {allowed}")
-        opt.set_prop(ov.key, ov.value)
-        return
-    raise Refused(f"--set {ov.ident}.{ov.key}: no -drive/-blockdev/-chardev with id {ov.ident!r}",
-                  "use an id from the VM's command line")
+    for ident, key in ov.splits():
+        for name in ("drive", "blockdev", "chardev", "device", "object", "netdev"):
+            opt = cmd.by_id(name, ident)
+            if opt is None:
+                continue
+            allowed = OVERRIDABLE.get(name, set())
+            if key not in allowed:
+                raise Refused(f"--set {ov.target}: changing '{key}' of -{name} {ident} "
+                              "could change guest-visible hardware or state",
+                              f"for -{name}, --set may change: "
+                              f"{', '.join(sorted(allowed)) or 'nothing'}")
+            opt.set_prop(key, ov.value)
+            return
+    raise Refused(f"--set {ov.target}: no -drive/-blockdev/-chardev with that id",
+                  "use ID.KEY=VALUE with an id from the VM's command line")
 
 
 def _file_chardevs_append(cmd: CommandLine) -> None:

@@ -28,7 +28,8 @@ async def _upgrade_and_check(vm, target, **kwargs):
     await assert_guest_intact(vm)
     assert not is_running(source_pid)
     assert qemu_pids(vm) == [result.destination_pid]
-    assert exe_of(result.destination_pid) != exe_of_source
+    if result.source_version != result.target_version:
+        assert exe_of(result.destination_pid) != exe_of_source
     async with vm.qmp() as q:  # the original socket path now reaches the new QEMU
         assert (await q.execute("query-uuid"))["UUID"] == uuid_before
         assert (await q.execute("query-name"))["name"] == vm.config.name
@@ -156,4 +157,21 @@ async def test_upgrade_by_name(fixtures: FixturePaths, make_vm: VMFactory):
     vm = await make_vm(fixtures.qemu_old, backing=MemoryBacking.FILE, name=f"lu-by-name-{os.getpid()}")
     result = await engine.upgrade(vm.config.name, fixtures.qemu_new)
     assert result.source_pid == vm.pid
+    await assert_guest_intact(vm)
+
+
+async def test_set_points_a_drive_at_an_identical_copy(fixtures: FixturePaths, make_vm: VMFactory,
+                                                       tmp_path):
+    image = tmp_path / "data.raw"
+    image.write_bytes(os.urandom(1024 * 1024))
+    copy = tmp_path / "data-copy.raw"
+    copy.write_bytes(image.read_bytes())
+    vm = await make_vm(fixtures.qemu_old, backing=MemoryBacking.FILE, extra_args=[
+        "-drive", f"file={image},if=none,id=data0,format=raw",
+        "-device", "virtio-blk-pci,drive=data0,id=vdata0"])
+    result = await engine.upgrade(vm.pid, fixtures.qemu_new, overrides=[f"data0.file={copy}"])
+    assert f"file={copy},if=none,id=data0,format=raw" in result.destination_argv
+    async with vm.qmp() as q:
+        block = {b["device"]: b for b in await q.execute("query-block")}
+    assert block["data0"]["inserted"]["file"] == str(copy)
     await assert_guest_intact(vm)

@@ -173,11 +173,13 @@ class FixtureVM:
 
     async def close(self) -> None:
         """Kill every QEMU of this VM and remove all its files and sockets."""
+        own = self.process.pid if self.process is not None else None
         procs = self.processes()
         for proc in procs:
             with contextlib.suppress(psutil.Error):
                 proc.send_signal(signal.SIGKILL)
-        await asyncio.to_thread(psutil.wait_procs, procs, 5)
+        # Our own child is reaped by asyncio below, not by psutil.
+        await asyncio.to_thread(psutil.wait_procs, [p for p in procs if p.pid != own], 5)
         if self.process is not None and self.process.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 self.process.kill()

@@ -1,0 +1,158 @@
+"""Failures before switchover leave the guest on the source, exactly as it was;
+bad input is refused with a clear message and changes nothing."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+
+from liveupgrade import engine
+from liveupgrade.errors import (
+    DestinationFailed,
+    MonitorBusy,
+    NotQemu,
+    Refused,
+    SourceNotFound,
+    TargetBinaryError,
+    TransferFailed,
+    UsageError,
+)
+from liveupgrade.rig import FixturePaths, FixtureVM, MemoryBacking
+from tests.conftest import VMFactory
+from tests.helpers import assert_guest_intact, leftovers, qemu_pids
+
+pytestmark = pytest.mark.e2e
+
+
+async def assert_untouched(vm: FixtureVM) -> None:
+    """Only the source QEMU exists, it runs, and the guest never noticed."""
+    assert qemu_pids(vm) == [vm.pid]
+    async with vm.qmp() as q:
+        assert (await q.execute("query-status"))["status"] == "running"
+        caps = await q.execute("query-migrate-capabilities")
+    enabled = {c["capability"] for c in caps if c["state"]} - {"events"}
+    assert enabled == set(), enabled
+    assert leftovers(vm) == []
+    await vm.heartbeat.wait_beats(20, 10)
+    assert vm.heartbeat.log.sequence_faults() == []
+
+
+def wrapper(tmp_path: Path, real: Path, body: str) -> Path:
+    script = tmp_path / "qemu-wrapper"
+    script.write_text(f"#!/bin/sh\nREAL={real}\n{body}\n")
+    script.chmod(0o755)
+    return script
+
+
+async def test_destination_that_dies_at_start_rolls_back(fixtures: FixturePaths,
+                                                         make_vm: VMFactory, tmp_path: Path):
+    broken = wrapper(tmp_path, fixtures.qemu_new,
+                     'case "$*" in *incoming*) exec "$REAL" "$@" -device no-such-device ;; esac\n'
+                     'exec "$REAL" "$@"')
+    vm = await make_vm(fixtures.qemu_old, backing=MemoryBacking.FILE)
+    with pytest.raises(DestinationFailed, match="no-such-device"):
+        await engine.upgrade(vm.pid, broken)
+    await assert_untouched(vm)
+
+
+async def test_timeout_during_copy_cancels_and_source_runs_on(fixtures: FixturePaths,
+                                                              make_vm: VMFactory):
+    vm = await make_vm(fixtures.qemu_new, backing=MemoryBacking.ANONYMOUS, fill_mib=64)
+    with pytest.raises(TransferFailed, match="did not reach switchover within 2 s"):
+        await engine.upgrade(vm.pid, fixtures.qemu_new, mode="copy", bandwidth=1, timeout=2)
+    await assert_untouched(vm)
+    async with vm.qmp() as q:
+        assert (await q.execute("query-migrate"))["status"] == "cancelled"
+    # The source is as good as before: a real upgrade now succeeds.
+    result = await engine.upgrade(vm.pid, fixtures.qemu_new, mode="copy")
+    assert result.guest_running
+    await assert_guest_intact(vm)
+
+
+async def test_sigterm_during_transfer_rolls_back(fixtures: FixturePaths, make_vm: VMFactory):
+    vm = await make_vm(fixtures.qemu_new, backing=MemoryBacking.ANONYMOUS, fill_mib=64)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "liveupgrade", "upgrade", str(vm.pid), "--to",
+        str(fixtures.qemu_new), "--mode", "copy", "--bandwidth", "1",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    await vm.heartbeat.wait_for(lambda _log: len(vm.processes()) == 2, 20)
+    await asyncio.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    _, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 1
+    assert b"runs on the old QEMU" in err
+    await assert_untouched(vm)
+
+
+async def test_busy_monitor_is_refused(fixtures: FixturePaths, make_vm: VMFactory):
+    vm = await make_vm(fixtures.qemu_old, backing=MemoryBacking.FILE)
+    async with vm.qmp():
+        with pytest.raises(MonitorBusy, match="another client is connected"):
+            await engine.upgrade(vm.pid, fixtures.qemu_new)
+    await assert_untouched(vm)
+
+
+async def test_unknown_and_non_qemu_sources(fixtures: FixturePaths, tmp_path: Path):
+    with pytest.raises(SourceNotFound, match="no process with PID"):
+        await engine.upgrade(2**22 + 12345, fixtures.qemu_new)
+    with pytest.raises(NotQemu, match="not a QEMU system emulator"):
+        await engine.upgrade(os.getpid(), fixtures.qemu_new)
+    stale = tmp_path / "stale-qmp.sock"
+    s = socket.socket(socket.AF_UNIX)
+    s.bind(str(stale))
+    s.close()
+    with pytest.raises(SourceNotFound, match="no running QEMU with QMP socket"):
+        await engine.upgrade(str(stale), fixtures.qemu_new)
+    with pytest.raises(SourceNotFound, match="no running QEMU with -name"):
+        await engine.upgrade("no-such-vm-name", fixtures.qemu_new)
+
+
+async def test_bad_target_binaries(fixtures: FixturePaths, make_vm: VMFactory, tmp_path: Path):
+    vm = await make_vm(fixtures.qemu_old, backing=MemoryBacking.FILE)
+    with pytest.raises(TargetBinaryError, match="does not exist"):
+        await engine.upgrade(vm.pid, tmp_path / "missing")
+    not_exec = tmp_path / "qemu-not-executable"
+    not_exec.write_bytes(Path(fixtures.qemu_new).read_bytes()[:64])
+    with pytest.raises(TargetBinaryError, match="not executable"):
+        await engine.upgrade(vm.pid, not_exec)
+    script = wrapper(tmp_path, fixtures.qemu_new, "echo 'I am not QEMU' >&2; exit 1")
+    with pytest.raises(TargetBinaryError, match=r"not a QEMU system emulator \(it did not open a QMP monitor\): I am not QEMU"):
+        await engine.upgrade(vm.pid, script)
+    with pytest.raises(TargetBinaryError, match="emulates i386"):
+        await engine.upgrade(vm.pid, "/usr/bin/qemu-system-i386")
+    await assert_untouched(vm)
+
+
+async def test_machine_type_the_target_lacks_is_refused(fixtures: FixturePaths,
+                                                        make_vm: VMFactory):
+    vm = await make_vm(fixtures.qemu_new, machine="pc-i440fx-10.0", backing=MemoryBacking.FILE)
+    with pytest.raises(Refused, match="does not support machine type pc-i440fx-10.0"):
+        await engine.upgrade(vm.pid, fixtures.qemu_old)
+    await assert_untouched(vm)
+
+
+async def test_overrides_that_change_hardware_are_refused(fixtures: FixturePaths,
+                                                          make_vm: VMFactory):
+    vm = await make_vm(fixtures.qemu_old, backing=MemoryBacking.FILE)
+    with pytest.raises(Refused, match="could change guest-visible hardware"):
+        await engine.upgrade(vm.pid, fixtures.qemu_new, overrides=["pc.ram.size=512M"])
+    with pytest.raises(Refused, match="nope.file: no -drive/-blockdev/-chardev with that id"):
+        await engine.upgrade(vm.pid, fixtures.qemu_new, overrides=["nope.file=/x"])
+    with pytest.raises(UsageError, match="is not ID.KEY=VALUE"):
+        await engine.upgrade(vm.pid, fixtures.qemu_new, overrides=["garbage"])
+    await assert_untouched(vm)
+
+
+async def test_cli_reports_cause_fix_and_exit_code(fixtures: FixturePaths):
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "liveupgrade", "upgrade", "999999999", "--to",
+        str(fixtures.qemu_new), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await proc.communicate()
+    assert proc.returncode == 2 and out == b""
+    assert b"error: no process with PID 999999999" in err and b"fix:" in err
