@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from liveupgrade import engine
+from liveupgrade import engine, monitor
 from liveupgrade.errors import LiveUpgradeError
 from liveupgrade.report import UpgradeResult
 from liveupgrade.rig import FixtureVM, GuestKind, MemoryBacking, VMConfig, find_fixtures
@@ -47,11 +47,12 @@ class DemoOutcome:
 
     def summary(self) -> str:
         verdict = "OK" if self.ok else "FAILED"
+        faults = " except " + ", ".join(self.sequence_faults) if self.sequence_faults else ""
         return (f"{self.result.summary()}\n"
                 f"guest-visible pause (largest heartbeat gap seen by the host): "
                 f"{self.pause_ms:.1f} ms   [{self.accel}]\n"
                 f"guest check: {verdict}: {self.heartbeats_checked} heartbeats in sequence"
-                f"{'' if not self.sequence_faults else ' except ' + ', '.join(self.sequence_faults)}"
+                f"{faults}"
                 f", {self.memory_errors} memory errors, UUID {self.uuid_after} kept, "
                 f"now running {self.binary_after}")
 
@@ -71,7 +72,7 @@ async def run_demo(*, guest: str = "micro", ram_mib: int = 1024, mode: str = "au
     async with FixtureVM(config, fixtures) as vm:
         await vm.heartbeat.wait_for(lambda log: bool(log.last and log.last.passes >= 1), 120)
         async with vm.qmp() as q:
-            uuid_before = (await q.execute("query-uuid"))["UUID"]
+            uuid_before = (await monitor.execute(q, "query-uuid"))["UUID"]
         started = time.monotonic()
         result = await engine.upgrade(vm.pid, fixtures.qemu_new, mode=mode, on_event=on_event)
         finished = time.monotonic()
@@ -80,7 +81,7 @@ async def run_demo(*, guest: str = "micro", ram_mib: int = 1024, mode: str = "au
         await vm.heartbeat.wait_for(
             lambda log: bool(log.last and log.last.passes >= passes_after + 2), 120)
         async with vm.qmp() as q:  # the original QMP path, now served by the new QEMU
-            uuid_after = (await q.execute("query-uuid"))["UUID"]
+            uuid_after = (await monitor.execute(q, "query-uuid"))["UUID"]
         log = vm.heartbeat.log
         last = log.last
         return DemoOutcome(

@@ -248,6 +248,12 @@ async def _set_migration(client: QMPClient, caps: dict[str, bool], params: dict[
         await monitor.execute(client, "migrate-set-parameters", params, what=side)
 
 
+def _qmp(client: QMPClient | None) -> Any:
+    """A client whose replies are typed Any: QMP replies are JSON of the command's shape."""
+    assert client is not None
+    return client
+
+
 def _destination_log(run: _Run) -> str:
     if run.rundir is None:
         return ""
@@ -290,7 +296,7 @@ async def _await_completion(run: _Run) -> None:
     while True:
         with contextlib.suppress(TimeoutError):
             event = await asyncio.wait_for(run.dst_events.get(), PROGRESS_INTERVAL)
-            status = event["data"]["status"]
+            status = dict(event).get("data", {}).get("status")
             if status == "completed":
                 return
             if status == "failed":
@@ -318,22 +324,22 @@ async def _rollback(run: _Run) -> None:
     run.emit("rollback", "rolling back: the VM stays on the source")
     if run.src_qmp is not None and run.state is not None:
         with contextlib.suppress(Exception):
-            info = await run.src_qmp.execute("query-migrate")
+            info = await _qmp(run.src_qmp).execute("query-migrate")
             if info.get("status") in ACTIVE_STATES:
-                await run.src_qmp.execute("migrate_cancel")
+                await _qmp(run.src_qmp).execute("migrate_cancel")
                 for _ in range(200):
-                    info = await run.src_qmp.execute("query-migrate")
+                    info = await _qmp(run.src_qmp).execute("query-migrate")
                     if info.get("status") not in ACTIVE_STATES:
                         break
                     await asyncio.sleep(0.01)
     await _kill_destination(run)
     if run.src_qmp is not None and run.state is not None:
         with contextlib.suppress(Exception):
-            status = await run.src_qmp.execute("query-status")
+            status = await _qmp(run.src_qmp).execute("query-status")
             if run.state.running and not status["running"]:
-                await run.src_qmp.execute("cont")
+                await _qmp(run.src_qmp).execute("cont")
         with contextlib.suppress(Exception):
-            await run.src_qmp.execute("migrate-set-capabilities", {"capabilities": [
+            await _qmp(run.src_qmp).execute("migrate-set-capabilities", {"capabilities": [
                 {"capability": k, "state": False}
                 for k in (run.transfer.source_caps if run.transfer else {}) if k != "events"]})
     _remove_private_paths(run)
@@ -373,8 +379,8 @@ async def _finish(run: _Run) -> UpgradeResult:
                 raise TransferFailed(f"the destination would not resume the guest: {e}; "
                                      "the VM runs on the source") from e
         # ---- point of no return: the guest lives in the destination from here ----
-        status = await run.dst_qmp.execute("query-status")
-    run.migration = await run.src_qmp.execute("query-migrate")
+        status = await _qmp(run.dst_qmp).execute("query-status")
+    run.migration = await _qmp(run.src_qmp).execute("query-migrate")
     async with run.phase("retire", "stopping the old QEMU"):
         await _retire_source(run)
     async with run.phase("relocate", "moving sockets and pidfile into place"):
@@ -396,7 +402,7 @@ async def _finish(run: _Run) -> UpgradeResult:
 async def _retire_source(run: _Run) -> None:
     assert run.src and run.src_qmp
     with contextlib.suppress(Exception):
-        await run.src_qmp.execute("quit")
+        await _qmp(run.src_qmp).execute("quit")
     with contextlib.suppress(Exception):
         await run.src_qmp.disconnect()
     run.src_qmp = None

@@ -90,14 +90,15 @@ def _why_not_copy(f: ModeInputs) -> str | None:
 
 def choose(requested: Mode, f: ModeInputs) -> tuple[Mode, str]:
     """The mode to use and why; Refused names why each candidate cannot be used."""
-    checks = {Mode.CPR_TRANSFER: _why_not_cpr, Mode.SHARED: _why_not_shared, Mode.COPY: _why_not_copy}
+    checks = {Mode.CPR_TRANSFER: _why_not_cpr, Mode.SHARED: _why_not_shared,
+              Mode.COPY: _why_not_copy}
     if requested is not Mode.AUTO:
         problem = checks[requested](f)
         if problem:
             raise Refused(f"{requested.value} mode is not possible: {problem}",
                           "use --mode auto to pick a mode that is possible")
         return requested, "requested with --mode"
-    reasons = []
+    reasons: list[str] = []
     for mode in (Mode.CPR_TRANSFER, Mode.SHARED, Mode.COPY):
         problem = checks[mode](f)
         if problem is None:

@@ -66,4 +66,4 @@ async def execute(client: QMPClient, cmd: str, args: dict[str, Any] | None = Non
         return await client.execute(cmd, args)
     except ExecuteError as e:
         where = f" on {what}" if what else ""
-        raise MonitorError(f"QEMU refused {cmd}{where}: {e.error.desc}") from e
+        raise MonitorError(f"QEMU refused {cmd}{where}: {e}") from e

@@ -55,7 +55,8 @@ class UpgradeResult:
     def summary(self) -> str:
         phases = ", ".join(f"{k} {v:.0f} ms" for k, v in self.phases_ms.items())
         lines = [
-            f"upgraded {self.name or self.uuid}: QEMU {self.source_version} -> {self.target_version}",
+            f"upgraded {self.name or self.uuid}: "
+            f"QEMU {self.source_version} -> {self.target_version}",
             f"  mode: {self.mode} ({self.mode_reason})",
             f"  pid {self.source_pid} -> {self.destination_pid}, machine {self.machine}, "
             f"guest {'running' if self.guest_running else 'paused, as it was'}",

@@ -36,15 +36,17 @@ async def test_microguest_boots_and_verifies(fixtures, make_vm: VMFactory, which
     async with vm.qmp() as q:
         assert (await q.execute("query-status"))["status"] == "running"
         assert (await q.execute("query-uuid"))["UUID"] == vm.uuid
-    print(f"microguest {which} {machine} {backing.value}: first heartbeat {vm.boot_seconds*1e3:.0f} ms")
+    print(f"microguest {which} {machine} {backing.value}: "
+          f"first heartbeat {vm.boot_seconds * 1e3:.0f} ms")
 
 
 @pytest.mark.parametrize(("which", "machine"), [("7.2", "pc-i440fx-7.2"), ("10.0", "pc-q35-7.2")])
-async def test_linuxguest_boots_verifies_and_writes_disk(fixtures, make_vm: VMFactory, which, machine):
+async def test_linuxguest_boots_verifies_and_writes_disk(fixtures, make_vm: VMFactory, which,
+                                                         machine):
     vm = await make_vm(qemu(fixtures, which), guest=GuestKind.LINUX, machine=machine,
                        ram_mib=512, fill_mib=32, dirty_rate_mib=5, heartbeat_us=10000)
     await vm.heartbeat.wait_for(
-        lambda log: log.last is not None and log.last.passes >= 1 and (log.last.disk_seq or 0) >= 5, 60)
+        lambda log: bool(log.last and log.last.passes >= 1 and (log.last.disk_seq or 0) >= 5), 60)
     log = vm.heartbeat.log
     last = log.last
     assert last is not None
@@ -75,7 +77,8 @@ async def test_idle_heartbeat_noise_floor(fixtures, make_vm: VMFactory):
     start = time.monotonic()
     await asyncio.sleep(2.0)
     gap = vm.heartbeat.log.max_gap(start, time.monotonic())
-    print(f"idle heartbeat noise floor (largest gap over 2 s, 1 ms period): {gap.seconds * 1e3:.2f} ms")
+    print("idle heartbeat noise floor (largest gap over 2 s, 1 ms period): "
+          f"{gap.seconds * 1e3:.2f} ms")
     assert gap.seconds < 0.050
 
 

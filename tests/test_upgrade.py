@@ -90,7 +90,7 @@ async def test_copy_mode_from_7_2_under_tcg_is_refused(fixtures: FixturePaths, m
     if accel != "tcg":
         pytest.skip("the refusal is specific to TCG; under KVM copy mode from 7.2 is allowed")
     vm = await make_vm(fixtures.qemu_old, backing=MemoryBacking.ANONYMOUS)
-    with pytest.raises(engine.LiveUpgradeError, match="dirty-bitmap|TCG"):
+    with pytest.raises(engine.LiveUpgradeError, match=r"dirty-bitmap|TCG"):
         await engine.upgrade(vm.pid, fixtures.qemu_new)
     assert qemu_pids(vm) == [vm.pid]
 
@@ -154,7 +154,8 @@ async def test_cli_json_by_qmp_path(fixtures: FixturePaths, make_vm: VMFactory):
 
 
 async def test_upgrade_by_name(fixtures: FixturePaths, make_vm: VMFactory):
-    vm = await make_vm(fixtures.qemu_old, backing=MemoryBacking.FILE, name=f"lu-by-name-{os.getpid()}")
+    vm = await make_vm(fixtures.qemu_old, backing=MemoryBacking.FILE,
+                       name=f"lu-by-name-{os.getpid()}")
     result = await engine.upgrade(vm.config.name, fixtures.qemu_new)
     assert result.source_pid == vm.pid
     await assert_guest_intact(vm)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import os
 import time
 from collections.abc import Callable
@@ -60,8 +61,10 @@ class HeartbeatLog:
         try:
             if kind == "HB" and len(values) >= 5:
                 nums = [int(v, 16) for v in values]
-                extra = nums[5:7] + [None, None]
-                self.beats.append(Heartbeat(host_time, *nums[:5], extra[0], extra[1]))
+                extra = [*nums[5:7], None, None]
+                self.beats.append(Heartbeat(host_time, seq=nums[0], guest_us=nums[1],
+                                            dirtied=nums[2], passes=nums[3], errors=nums[4],
+                                            disk_seq=extra[0], disk_errors=extra[1]))
                 return
         except ValueError:
             pass
@@ -88,7 +91,7 @@ class HeartbeatLog:
         if later:
             beats.append(later[0])
         best = Gap(0.0, None, None)
-        for before, after in zip(beats, beats[1:], strict=False):
+        for before, after in itertools.pairwise(beats):
             if after.host_time - before.host_time > best.seconds:
                 best = Gap(after.host_time - before.host_time, before, after)
         return best

@@ -32,9 +32,10 @@ def find_fixtures(root: Path | None = None) -> FixturePaths:
     """
     base = root or REPO_ROOT
     build = base / "qemu-fixtures" / "build"
+    bins = base / ".deps" / "bin"
     paths = FixturePaths(
-        qemu_old=Path(os.environ.get("LIVEUPGRADE_QEMU_OLD", base / ".deps/bin/qemu-system-x86_64-7.2")),
-        qemu_new=Path(os.environ.get("LIVEUPGRADE_QEMU_NEW", base / ".deps/bin/qemu-system-x86_64-10.0")),
+        qemu_old=Path(os.environ.get("LIVEUPGRADE_QEMU_OLD", bins / "qemu-system-x86_64-7.2")),
+        qemu_new=Path(os.environ.get("LIVEUPGRADE_QEMU_NEW", bins / "qemu-system-x86_64-10.0")),
         microguest=build / "microguest.elf",
         linux_kernel=build / "linuxguest-vmlinuz",
         linux_initrd=build / "linuxguest-initrd.gz",
