@@ -296,7 +296,8 @@ async def _await_completion(run: _Run) -> None:
     while True:
         with contextlib.suppress(TimeoutError):
             event = await asyncio.wait_for(run.dst_events.get(), PROGRESS_INTERVAL)
-            status = dict(event).get("data", {}).get("status")
+            data: Any = dict(event).get("data") or {}
+            status = data.get("status")
             if status == "completed":
                 return
             if status == "failed":
