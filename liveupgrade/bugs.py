@@ -37,3 +37,6 @@ TCG_DIRTY_BITMAP = KnownBug(
     fixed_in=(9, 0),
     source='QEMU 9.0, "physmem: Fix migration dirty bitmap coherency with TCG memory access"',
 )
+
+
+KNOWN_BUGS = {bug.key: bug for bug in (IGNORE_SHARED_DROPS_MEMFD, TCG_DIRTY_BITMAP)}

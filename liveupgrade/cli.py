@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from liveupgrade import __version__
+from liveupgrade.bugs import KNOWN_BUGS
 from liveupgrade.errors import LiveUpgradeError
 from liveupgrade.modes import Mode
 from liveupgrade.progress import ProgressDisplay
@@ -100,6 +101,11 @@ def build_parser() -> argparse.ArgumentParser:
                     metavar="ID.KEY=VALUE",
                     help="change a host-side property for the new QEMU, e.g. a drive's "
                          "file= to a bit-identical copy (repeatable)")
+    up.add_argument("--force", action="append", default=[], metavar="BUG",
+                    choices=sorted(KNOWN_BUGS),
+                    help="accept the risk of a known QEMU bug that would otherwise veto a "
+                         "mode: " + "; ".join(f"{b.key}: {b.summary}" for b in
+                                              KNOWN_BUGS.values()))
     up.add_argument("--json", action="store_true",
                     help="print exactly one JSON document on stdout, no progress")
 
@@ -146,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
                 result = asyncio.run(_with_signals(upgrade(
                     args.source, args.target, mode=args.mode, bandwidth=args.bandwidth,
                     timeout=args.timeout, downtime_limit=args.downtime_limit,
-                    overrides=args.overrides, on_event=display)))
+                    overrides=args.overrides, force=args.force, on_event=display)))
                 output: dict[str, Any] = {"ok": True, **result.to_json()}
                 text = result.summary()
                 ok = True

@@ -30,6 +30,7 @@ from qemu.qmp import QMPClient
 from qemu.qmp.events import EventListener
 
 from liveupgrade import monitor, source, target
+from liveupgrade.bugs import KNOWN_BUGS
 from liveupgrade.errors import (
     DestinationFailed,
     LiveUpgradeError,
@@ -38,6 +39,7 @@ from liveupgrade.errors import (
     SwitchoverFailed,
     TargetBinaryError,
     TransferFailed,
+    UsageError,
 )
 from liveupgrade.memory import layout
 from liveupgrade.modes import Mode, ModeInputs, Transfer, choose, parse_mode, transfer_settings
@@ -101,6 +103,7 @@ async def upgrade(
     timeout: float = 600.0,
     downtime_limit: int = 100,
     overrides: list[str] | list[Override] | None = None,
+    force: list[str] | None = None,
     on_event: EventCallback | None = None,
 ) -> UpgradeResult:
     """Move the running VM `source_spec` (PID, QMP socket path, or -name) into `target_binary`.
@@ -108,7 +111,8 @@ async def upgrade(
     `bandwidth` caps the copy in MiB/s (default unlimited); `timeout` bounds
     everything before switchover, in seconds; `downtime_limit` is QEMU's
     target for the final stop-and-copy, in ms; `overrides` are --set style
-    "ID.KEY=VALUE" host-side changes for the destination. Raises a
+    "ID.KEY=VALUE" host-side changes for the destination; `force` names
+    known QEMU bugs (bugs.KNOWN_BUGS) whose risk the caller accepts. Raises a
     LiveUpgradeError subclass naming the cause; before switchover that means
     the VM still runs on the source, untouched.
     """
@@ -116,12 +120,17 @@ async def upgrade(
     requested = mode if isinstance(mode, Mode) else parse_mode(mode)
     parsed = [o if isinstance(o, Override) else Override.parse(o) for o in overrides or []]
     if timeout <= 0:
-        raise Refused("--timeout must be positive")
+        raise UsageError("--timeout must be positive")
+    unknown = set(force or []) - set(KNOWN_BUGS)
+    if unknown:
+        raise UsageError(f"--force {', '.join(sorted(unknown))}: no such check",
+                         f"known names: {', '.join(sorted(KNOWN_BUGS))}")
     try:
         async with run.phase("inspect", "reading the source VM"):
             await _inspect(run, source_spec)
         async with run.phase("plan", "probing the target QEMU and planning"):
-            await _plan(run, Path(target_binary), requested, parsed, bandwidth, downtime_limit)
+            await _plan(run, Path(target_binary), requested, parsed, bandwidth, downtime_limit,
+                        frozenset(force or []))
         try:
             async with asyncio.timeout(timeout):
                 async with run.phase("destination", "starting the destination QEMU"):
@@ -155,7 +164,7 @@ async def _inspect(run: _Run, spec: str | int) -> None:
 
 
 async def _plan(run: _Run, binary: Path, requested: Mode, overrides: list[Override],
-                bandwidth: float | None, downtime_limit: int) -> None:
+                bandwidth: float | None, downtime_limit: int, forced: frozenset[str]) -> None:
     assert run.src and run.state and run.src_qmp
     run.info = await target.probe(binary)
     src_arch = (await monitor.execute(run.src_qmp, "query-target"))["arch"]
@@ -171,14 +180,18 @@ async def _plan(run: _Run, binary: Path, requested: Mode, overrides: list[Overri
         memory=layout(run.src.cmdline), source_version=run.state.version,
         target_version=run.info.version, source_caps=run.state.capabilities,
         target_caps=run.info.capabilities, target_params=run.info.parameters,
-        tcg=not kvm.get("enabled", False))
+        tcg=not kvm.get("enabled", False), forced=forced)
     chosen, reason = choose(requested, facts)
     run.transfer = transfer_settings(chosen, reason, facts, bandwidth_mib=bandwidth,
                                      downtime_limit_ms=downtime_limit)
     run.rundir = Path(tempfile.mkdtemp(prefix="upgrade-", dir=runtime_base()))
-    run.plan = build_destination(run.src.argv, target_binary=run.info.path,
-                                 machine=run.state.machine, mode=chosen, rundir=run.rundir,
-                                 overrides=overrides)
+    try:
+        run.plan = build_destination(run.src.argv, target_binary=run.info.path,
+                                     machine=run.state.machine, mode=chosen, rundir=run.rundir,
+                                     overrides=overrides)
+    except BaseException:
+        shutil.rmtree(run.rundir, ignore_errors=True)
+        raise
     run.emit("plan", f"mode {chosen.value}: {reason}")
 
 

@@ -42,6 +42,7 @@ class ModeInputs:
     target_caps: set[str]
     target_params: set[str]
     tcg: bool
+    forced: frozenset[str] = frozenset()  # known-bug keys the operator accepts (--force)
 
 
 @dataclass
@@ -57,7 +58,8 @@ class Transfer:
 
 
 def _why_not_shared(f: ModeInputs) -> str | None:
-    if f.memory.has_shared_memfd_or_ram and IGNORE_SHARED_DROPS_MEMFD.hits(f.source_version):
+    if (f.memory.has_shared_memfd_or_ram and IGNORE_SHARED_DROPS_MEMFD.hits(f.source_version)
+            and IGNORE_SHARED_DROPS_MEMFD.key not in f.forced):
         return (f"QEMU {f.source_version}: {IGNORE_SHARED_DROPS_MEMFD.summary} "
                 f"(fixed in {IGNORE_SHARED_DROPS_MEMFD.source})")
     if not f.memory.all_in_shared_files:
@@ -82,9 +84,10 @@ def _why_not_cpr(f: ModeInputs) -> str | None:
 
 
 def _why_not_copy(f: ModeInputs) -> str | None:
-    if f.tcg and TCG_DIRTY_BITMAP.hits(f.source_version):
+    if f.tcg and TCG_DIRTY_BITMAP.hits(f.source_version) and TCG_DIRTY_BITMAP.key not in f.forced:
         return (f"copy mode from QEMU {f.source_version} under TCG is unsafe: "
-                f"{TCG_DIRTY_BITMAP.summary} (fixed in {TCG_DIRTY_BITMAP.source})")
+                f"{TCG_DIRTY_BITMAP.summary} (fixed in {TCG_DIRTY_BITMAP.source}); "
+                f"--force {TCG_DIRTY_BITMAP.key} accepts the risk for a guest that is idle")
     return None
 
 

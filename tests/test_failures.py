@@ -25,7 +25,7 @@ from liveupgrade.errors import (
 )
 from liveupgrade.rig import FixturePaths, FixtureVM, MemoryBacking
 from tests.conftest import VMFactory
-from tests.helpers import assert_guest_intact, leftovers, qemu_pids
+from tests.helpers import assert_guest_intact, leftovers, qemu_pids, runtime_dirs
 
 pytestmark = pytest.mark.e2e
 
@@ -39,6 +39,7 @@ async def assert_untouched(vm: FixtureVM) -> None:
     enabled = {c["capability"] for c in caps if c["state"]} - {"events"}
     assert enabled == set(), enabled
     assert leftovers(vm) == []
+    assert runtime_dirs() == []
     await vm.heartbeat.wait_beats(20, 10)
     assert vm.heartbeat.log.sequence_faults() == []
 
@@ -73,6 +74,22 @@ async def test_timeout_during_copy_cancels_and_source_runs_on(fixtures: FixtureP
     result = await engine.upgrade(vm.pid, fixtures.qemu_new, mode="copy")
     assert result.guest_running
     await assert_guest_intact(vm)
+
+
+async def test_destination_killed_during_transfer_rolls_back(fixtures: FixturePaths,
+                                                             make_vm: VMFactory):
+    vm = await make_vm(fixtures.qemu_new, backing=MemoryBacking.ANONYMOUS, fill_mib=64)
+    events: list[str] = []
+    task = asyncio.ensure_future(engine.upgrade(
+        vm.pid, fixtures.qemu_new, mode="copy", bandwidth=2,
+        on_event=lambda e: events.append(e.phase)))
+    await vm.heartbeat.wait_for(lambda _log: "progress" in events, 30)
+    destination = [p for p in vm.processes() if p.pid != vm.pid]
+    assert len(destination) == 1
+    destination[0].kill()
+    with pytest.raises((DestinationFailed, TransferFailed)):
+        await task
+    await assert_untouched(vm)
 
 
 async def test_sigterm_during_transfer_rolls_back(fixtures: FixturePaths, make_vm: VMFactory):
