@@ -230,7 +230,7 @@ async def _wait_for_path(run: _Run, path: Path) -> None:
             raise DestinationFailed(f"the destination did not open {path} within "
                                     f"{DESTINATION_START_TIMEOUT:.0f} s: {_destination_log(run)}")
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(asyncio.shield(run.dst_proc.wait()), 0.01)
+            await asyncio.wait_for(asyncio.shield(run.dst_proc.wait()), 0.002)
 
 
 async def _connect_destination(run: _Run) -> None:

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -19,6 +22,9 @@ from liveupgrade.versions import QemuVersion
 PROBE_TIMEOUT = 15.0
 
 
+CACHE_VERSION = 1
+
+
 @dataclass
 class TargetInfo:
     """What a QEMU binary reports about itself, from `-machine none`."""
@@ -29,6 +35,57 @@ class TargetInfo:
     machines: set[str]  # concrete names and aliases
     capabilities: set[str]
     parameters: set[str]
+    real_exe: str = ""  # the binary a wrapper script execs
+
+    def to_cache(self) -> dict[str, Any]:
+        return {"version": dataclasses.asdict(self.version), "arch": self.arch,
+                "machines": sorted(self.machines), "capabilities": sorted(self.capabilities),
+                "parameters": sorted(self.parameters), "real_exe": self.real_exe}
+
+    @classmethod
+    def from_cache(cls, path: Path, data: dict[str, Any]) -> TargetInfo:
+        return cls(path, QemuVersion(**data["version"]), data["arch"], set(data["machines"]),
+                   set(data["capabilities"]), set(data["parameters"]), data["real_exe"])
+
+
+def _stat_key(path: str) -> list[int]:
+    st = os.stat(path)
+    return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns]
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "liveupgrade" / "probes"
+
+
+def _cache_file(binary: Path) -> Path:
+    return cache_dir() / (hashlib.sha256(str(binary).encode()).hexdigest()[:32] + ".json")
+
+
+def cached_probe(binary: Path) -> TargetInfo | None:
+    """A probe result still valid for this file and the binary it execs (same inode, mtime)."""
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+        data = json.loads(_cache_file(binary).read_text())
+        if data["cache_version"] != CACHE_VERSION or data["stat"] != _stat_key(str(binary)):
+            return None
+        info = data["info"]
+        if info["real_exe"] and data["real_stat"] != _stat_key(info["real_exe"]):
+            return None
+        return TargetInfo.from_cache(binary, info)
+    return None
+
+
+def _store(info: TargetInfo) -> None:
+    with contextlib.suppress(OSError):
+        path = _cache_file(info.path)
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({
+            "cache_version": CACHE_VERSION, "binary": str(info.path),
+            "stat": _stat_key(str(info.path)),
+            "real_stat": _stat_key(info.real_exe) if info.real_exe else None,
+            "info": info.to_cache()}))
+        tmp.replace(path)
 
 
 def clean_env() -> dict[str, str]:
@@ -53,9 +110,18 @@ def check_executable(path: Path) -> Path:
     return resolved.absolute()
 
 
-async def probe(path: Path) -> TargetInfo:
-    """Start the binary with `-machine none -S` and ask it over QMP; never leaves it running."""
+async def probe(path: Path, use_cache: bool = True) -> TargetInfo:
+    """What the binary supports: from the cache, or by starting it with `-machine none -S`
+    and asking over QMP (~60 ms); never leaves a process running."""
     binary = check_executable(path)
+    if use_cache and (hit := cached_probe(binary)) is not None:
+        return hit
+    info = await _probe_process(binary)
+    _store(info)
+    return info
+
+
+async def _probe_process(binary: Path) -> TargetInfo:
     rundir = Path(tempfile.mkdtemp(prefix="liveupgrade-probe-"))
     sock = rundir / "qmp.sock"
     argv = [str(binary), "-machine", "none", "-S", "-nodefaults", "-no-user-config",
@@ -93,7 +159,7 @@ async def _query(binary: Path, proc: asyncio.subprocess.Process, sock: Path) -> 
                 not_qemu.args = (f"{not_qemu.args[0]}: {detail}",)
             raise not_qemu
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(asyncio.shield(proc.wait()), 0.02)
+            await asyncio.wait_for(asyncio.shield(proc.wait()), 0.002)
     try:
         async with monitor.session(sock, "target-probe") as q:
             version: dict[str, Any] = await monitor.execute(q, "query-version")
@@ -102,7 +168,19 @@ async def _query(binary: Path, proc: asyncio.subprocess.Process, sock: Path) -> 
             caps = await monitor.execute(q, "query-migrate-capabilities")
             params = await monitor.execute(q, "query-migrate-parameters")
     except MonitorError as e:
-        raise TargetBinaryError(f"{binary}: QMP probe failed: {e}") from e
+        detail = ""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(proc.wait(), 2)
+            if proc.stderr is not None:
+                detail = (await proc.stderr.read()).decode(errors="replace").strip()[:300]
+        raise TargetBinaryError(f"{binary}: QMP probe failed: {detail or e}",
+                                "a QEMU copied away from its install needs QEMU_MODULE_DIR: "
+                                "give a wrapper script that sets it and execs the binary") from e
     names = {m["name"] for m in machines} | {m["alias"] for m in machines if m.get("alias")}
+    try:
+        real_exe = os.readlink(f"/proc/{proc.pid}/exe")
+    except OSError:
+        real_exe = ""
     return TargetInfo(binary, QemuVersion.from_qmp(version), arch, names,
-                      {c["capability"] for c in caps}, set(params))
+                      {c["capability"] for c in caps}, set(params),
+                      "" if real_exe == str(binary) else real_exe)

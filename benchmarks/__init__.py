@@ -1,0 +1,1 @@
+"""Benchmarks: guest-visible pause and total time, against every alternative."""

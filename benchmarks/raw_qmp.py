@@ -1,0 +1,82 @@
+"""The same upgrade as the engine does, done with the fewest raw QMP steps.
+
+This is the yardstick for engine overhead: no inspection, no probe, no
+checks, no rollback; only start the destination, migrate, resume, quit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from qemu.qmp import QMPClient
+from qemu.qmp.events import EventListener
+
+from liveupgrade.target import clean_env
+
+
+async def raw_upgrade(source_argv: list[str], source_qmp: Path, target: Path, mode: str,
+                      workdir: Path) -> tuple[dict[str, Any], subprocess.Popen[bytes]]:
+    """Upgrade with bare QMP; QEMU's figures, the wall time, and the new process."""
+    started = time.monotonic()
+    dst_qmp = workdir / "raw-dst-qmp.sock"
+    mig = workdir / "raw-mig.sock"
+    cpr = workdir / "raw-cpr.sock"
+    argv = [str(target)] + [a.replace(str(source_qmp), str(dst_qmp)) for a in source_argv[1:]]
+    argv += ["-S", "-incoming", "defer"]
+    if mode == "cpr-transfer":
+        argv += ["-incoming", json.dumps({"channel-type": "cpr", "addr": {
+            "transport": "socket", "type": "unix", "path": str(cpr)}})]
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env=clean_env(), start_new_session=True)
+    src = QMPClient("raw-src")
+    await src.connect(str(source_qmp))
+    caps = {"shared": ["x-ignore-shared"], "copy": ["multifd"], "cpr-transfer": []}[mode]
+    dst = QMPClient("raw-dst")
+    listener = EventListener(("MIGRATION",))
+    main_addr = {"transport": "socket", "type": "unix", "path": str(mig)}
+
+    async def connect_dst() -> None:
+        while not dst_qmp.exists():
+            await asyncio.sleep(0.001)
+        await dst.connect(str(dst_qmp))
+        dst.register_listener(listener)
+        await dst.execute("migrate-set-capabilities", {"capabilities": [
+            {"capability": c, "state": True} for c in ["events", *caps]]})
+
+    await src.execute("migrate-set-capabilities", {"capabilities": [
+        {"capability": c, "state": True} for c in caps]})
+    await src.execute("migrate-set-parameters", {"max-bandwidth": 100 * 1024**3,
+                                                 "downtime-limit": 100})
+    if mode == "cpr-transfer":
+        await src.execute("migrate-set-parameters", {"mode": "cpr-transfer"})
+        while not cpr.exists():
+            await asyncio.sleep(0.001)
+        await src.execute("migrate", {"channels": [
+            {"channel-type": "main", "addr": main_addr},
+            {"channel-type": "cpr", "addr": {"transport": "socket", "type": "unix",
+                                             "path": str(cpr)}}]})
+        await connect_dst()
+        await dst.execute("migrate-incoming", {"channels": [
+            {"channel-type": "main", "addr": main_addr}]})
+    else:
+        await connect_dst()
+        await dst.execute("migrate-incoming", {"uri": f"unix:{mig}"})
+        await src.execute("migrate", {"uri": f"unix:{mig}"})
+    while True:
+        event = await listener.get()
+        if event["data"]["status"] in ("completed", "failed"):
+            break
+    await dst.execute("cont")
+    resumed = time.monotonic()
+    info: Any = await src.execute("query-migrate")
+    await src.execute("quit")
+    await src.disconnect()
+    await dst.disconnect()
+    return {"wall_s": resumed - started, "downtime_ms": info.get("downtime"),
+            "total_time_ms": info.get("total-time"),
+            "ram_transferred": (info.get("ram") or {}).get("transferred")}, proc
