@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import logging
 import platform
 import statistics
 import subprocess
@@ -328,6 +329,7 @@ def plots(results: list[dict[str, Any]], out: Path) -> list[Path]:
 
 
 async def main_async(args: argparse.Namespace) -> int:
+    logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)  # retried connects are expected
     fx = find_fixtures()
     accel = (await decide_accel_async(fx.qemu_old)).accel
     cases = matrix(args.quick)

@@ -7,6 +7,7 @@ checks, no rollback; only start the destination, migrate, resume, quit.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import subprocess
 import time
@@ -41,9 +42,12 @@ async def raw_upgrade(source_argv: list[str], source_qmp: Path, target: Path, mo
     main_addr = {"transport": "socket", "type": "unix", "path": str(mig)}
 
     async def connect_dst() -> None:
-        while not dst_qmp.exists():
-            await asyncio.sleep(0.001)
-        await dst.connect(str(dst_qmp))
+        while True:  # the socket file appears just before QEMU listens on it
+            try:
+                await dst.connect(str(dst_qmp))
+                break
+            except Exception:
+                await asyncio.sleep(0.001)
         dst.register_listener(listener)
         await dst.execute("migrate-set-capabilities", {"capabilities": [
             {"capability": c, "state": True} for c in ["events", *caps]]})
@@ -74,8 +78,10 @@ async def raw_upgrade(source_argv: list[str], source_qmp: Path, target: Path, mo
     await dst.execute("cont")
     resumed = time.monotonic()
     info: Any = await src.execute("query-migrate")
-    await src.execute("quit")
-    await src.disconnect()
+    with contextlib.suppress(Exception):  # QEMU may close the socket before it replies
+        await src.execute("quit")
+    with contextlib.suppress(Exception):
+        await src.disconnect()
     await dst.disconnect()
     return {"wall_s": resumed - started, "downtime_ms": info.get("downtime"),
             "total_time_ms": info.get("total-time"),
