@@ -51,7 +51,13 @@ apt_cache_private() {
         -o Dir::State::Lists="$deps/apt/lists" -o Dir::Cache="$deps/apt/cache" "$@"
 }
 qemu10=$deps/qemu-10.0
-if [ ! -x "$qemu10/root/usr/bin/qemu-system-x86_64" ]; then
+# Every module package too: QEMU looks a module up in QEMU_MODULE_DIR, then in
+# the system's folder, and a 7.2 module found there aborts a 10.0 QEMU
+# (qom-list-types loads every module).
+qemu10_packages=(qemu-system-x86 qemu-system-common qemu-system-data qemu-system-gui
+                 qemu-system-modules-opengl qemu-system-modules-spice qemu-block-extra)
+qemu10_stamp=$qemu10/complete-$(echo "${qemu10_packages[*]}" | md5sum | cut -c1-8)
+if [ ! -f "$qemu10_stamp" ]; then
     uri=$(mirror_uri) || { log "no Debian bookworm mirror found in /etc/apt sources"; exit 1; }
     log "fetching QEMU 10.0 from bookworm-backports via $uri"
     mkdir -p "$deps/apt/lists/partial" "$deps/apt/cache/archives/partial"
@@ -62,10 +68,10 @@ if [ ! -x "$qemu10/root/usr/bin/qemu-system-x86_64" ]; then
     [ -n "$version" ] || { log "bookworm-backports has no QEMU 10.0.x"; exit 1; }
     rm -rf "$qemu10" && mkdir -p "$qemu10/debs"
     chmod 0777 "$qemu10/debs"  # apt's download sandbox user writes here
-    (cd "$qemu10/debs" && apt_private download -q \
-        "qemu-system-x86=$version" "qemu-system-common=$version" "qemu-system-data=$version")
+    (cd "$qemu10/debs" && apt_private download -q "${qemu10_packages[@]/%/=$version}")
     for deb in "$qemu10"/debs/*.deb; do dpkg -x "$deb" "$qemu10/root"; done
     echo "$version" > "$qemu10/version"
+    touch "$qemu10_stamp"
 fi
 mkdir -p "$deps/bin"
 cat > "$deps/bin/qemu-system-x86_64-10.0" <<WRAP

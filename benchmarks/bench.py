@@ -36,6 +36,8 @@ from liveupgrade.rig.kvm import decide_accel_async
 
 RESULTS = Path(__file__).resolve().parent / "results"
 HEARTBEAT_US = 1000
+FILL_MIB = 256  # memory the guest writes and verifies: a working set, not all of RAM
+FILL_COPIED_MIB = 1024  # where RAM is copied, a larger working set makes the copy real
 
 
 @dataclass(frozen=True)
@@ -95,10 +97,12 @@ def binaries(fx: FixturePaths, pair: str) -> tuple[Path, Path]:
 async def boot(case: Case, fx: FixturePaths, accel: str) -> FixtureVM:
     src, _ = binaries(fx, case.pair)
     backing, aux = backing_for(case.mode)
+    copies_ram = case.mode == "copy" or case.method == "save-restore"
     ram_mib = case.ram_gib * 1024
     vm = FixtureVM(VMConfig(
         binary=src, ram_mib=ram_mib, backing=backing, aux_ram_share=aux, accel=accel,
-        fill_mib=min(ram_mib - 64, 1024), dirty_rate_mib=case.dirty_mib,
+        fill_mib=min(ram_mib - 64, FILL_COPIED_MIB if copies_ram else FILL_MIB),
+        dirty_rate_mib=case.dirty_mib,
         heartbeat_us=HEARTBEAT_US, name="lu-bench"), fx)
     try:
         await vm.start()

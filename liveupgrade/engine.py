@@ -31,6 +31,7 @@ from qemu.qmp.events import EventListener
 
 from liveupgrade import monitor, source, target
 from liveupgrade.bugs import KNOWN_BUGS
+from liveupgrade.cmdline import CommandLine
 from liveupgrade.errors import (
     DestinationFailed,
     LiveUpgradeError,
@@ -42,8 +43,16 @@ from liveupgrade.errors import (
     UsageError,
 )
 from liveupgrade.memory import layout
-from liveupgrade.modes import Mode, ModeInputs, Transfer, choose, parse_mode, transfer_settings
+from liveupgrade.modes import Mode, ModeInputs, Transfer, parse_mode, transfer_settings
 from liveupgrade.plan import DestinationPlan, Override, build_destination
+from liveupgrade.preflight import (
+    Preflight,
+    check_host,
+    check_mode,
+    check_roms,
+    check_source,
+    check_target,
+)
 from liveupgrade.report import UpgradeEvent, UpgradeResult
 
 EventCallback = Callable[[UpgradeEvent], None]
@@ -121,10 +130,7 @@ async def upgrade(
     parsed = [o if isinstance(o, Override) else Override.parse(o) for o in overrides or []]
     if timeout <= 0:
         raise UsageError("--timeout must be positive")
-    unknown = set(force or []) - set(KNOWN_BUGS)
-    if unknown:
-        raise UsageError(f"--force {', '.join(sorted(unknown))}: no such check",
-                         f"known names: {', '.join(sorted(KNOWN_BUGS))}")
+    _validate_force(frozenset(force or []))
     try:
         async with run.phase("inspect", "reading the source VM"):
             await _inspect(run, source_spec)
@@ -160,39 +166,96 @@ async def upgrade(
 async def _inspect(run: _Run, spec: str | int) -> None:
     run.src = await asyncio.to_thread(source.resolve, spec)
     run.src_qmp = await source.connect_source(run.src)
-    run.state = await source.query_state(run.src_qmp, run.src.pid)
+
+
+@dataclass
+class PlanReport:
+    """What `plan` shows and `upgrade` acts on: the checks, the mode, the destination."""
+
+    vm: source.SourceProcess
+    state: source.SourceState
+    target: target.TargetInfo
+    preflight: Preflight
+    transfer: Transfer | None
+    destination: DestinationPlan | None
+
+    @property
+    def ok(self) -> bool:
+        return not self.preflight.failures and self.destination is not None
+
+    def refusal(self) -> Refused:
+        failures = self.preflight.failures
+        lines = [f"{c.name}: {c.detail}" + (f" (fix: {c.fix})" if c.fix else "")
+                 for c in failures]
+        forceable = [c.name for c in failures if c.forceable]
+        fix = "fix the failed checks"
+        if forceable:
+            fix += f"; or accept the risk with --force {' --force '.join(forceable)}"
+        return Refused("preflight checks failed: " + "; ".join(lines), fix)
+
+
+def _validate_force(names: frozenset[str]) -> None:
+    valid = set(KNOWN_BUGS) | {"devices", "backends", "cpu-model", "rom-sizes", "host-memory",
+                               "paths"}
+    unknown = names - valid
+    if unknown:
+        raise UsageError(f"--force {', '.join(sorted(unknown))}: no such check or known bug",
+                         f"names that can be forced: {', '.join(sorted(valid))}")
+
+
+async def make_plan(proc: source.SourceProcess, client: QMPClient, binary: Path, *,
+                    requested: Mode = Mode.AUTO, overrides: list[Override] | None = None,
+                    bandwidth: float | None = None, downtime_limit: int = 100,
+                    forced: frozenset[str] = frozenset(), rundir: Path | None = None
+                    ) -> PlanReport:
+    """Run every preflight check and plan the destination; changes nothing."""
+    _validate_force(forced)
+    state = await source.query_state(client, proc.pid)
+    info = await target.probe(binary)
+    pf = Preflight()
+    check_source(pf, state)
+    check_target(pf, proc, state, state.arch, info)
+    await check_roms(pf, client, proc, info)
+    facts = ModeInputs(
+        memory=layout(proc.cmdline), source_version=state.version,
+        target_version=info.version, source_caps=state.capabilities,
+        target_caps=info.capabilities, target_params=info.parameters,
+        tcg=state.tcg, forced=forced)
+    check_mode(pf, requested, facts)
+    transfer = destination = None
+    if pf.mode is not None:
+        transfer = transfer_settings(pf.mode, pf.reason, facts, bandwidth_mib=bandwidth,
+                                     downtime_limit_ms=downtime_limit)
+        destination = build_destination(
+            proc.argv, target_binary=info.path, machine=state.machine, mode=pf.mode,
+            rundir=rundir or runtime_base() / "upgrade-PLAN", overrides=overrides)
+        check_host(pf, CommandLine.parse(destination.argv), state.ram_bytes)
+    for check in pf.checks:
+        if check.name in forced and not check.ok:
+            check.forced = True
+    return PlanReport(proc, state, info, pf, transfer, destination)
 
 
 async def _plan(run: _Run, binary: Path, requested: Mode, overrides: list[Override],
                 bandwidth: float | None, downtime_limit: int, forced: frozenset[str]) -> None:
-    assert run.src and run.state and run.src_qmp
-    run.info = await target.probe(binary)
-    src_arch = (await monitor.execute(run.src_qmp, "query-target"))["arch"]
-    if run.info.arch != src_arch:
-        raise TargetBinaryError(f"{binary} emulates {run.info.arch}, the VM is {src_arch}",
-                                f"give a qemu-system-{src_arch} binary")
-    if run.state.machine not in run.info.machines:
-        raise Refused(f"QEMU {run.info.version} at {binary} does not support machine type "
-                      f"{run.state.machine}, which the VM runs",
-                      "upgrade to a QEMU that still provides this versioned machine type")
-    kvm = await monitor.execute(run.src_qmp, "query-kvm")
-    facts = ModeInputs(
-        memory=layout(run.src.cmdline), source_version=run.state.version,
-        target_version=run.info.version, source_caps=run.state.capabilities,
-        target_caps=run.info.capabilities, target_params=run.info.parameters,
-        tcg=not kvm.get("enabled", False), forced=forced)
-    chosen, reason = choose(requested, facts)
-    run.transfer = transfer_settings(chosen, reason, facts, bandwidth_mib=bandwidth,
-                                     downtime_limit_ms=downtime_limit)
-    run.rundir = Path(tempfile.mkdtemp(prefix="upgrade-", dir=runtime_base()))
+    assert run.src and run.src_qmp
+    rundir = Path(tempfile.mkdtemp(prefix="upgrade-", dir=runtime_base()))
     try:
-        run.plan = build_destination(run.src.argv, target_binary=run.info.path,
-                                     machine=run.state.machine, mode=chosen, rundir=run.rundir,
-                                     overrides=overrides)
+        report = await make_plan(run.src, run.src_qmp, binary, requested=requested,
+                                 overrides=overrides, bandwidth=bandwidth,
+                                 downtime_limit=downtime_limit, forced=forced, rundir=rundir)
+        if not report.ok:
+            first = report.preflight.failures[0] if report.preflight.failures else None
+            if first is not None and first.name == "target-arch":
+                raise TargetBinaryError(first.detail, first.fix)
+            raise report.refusal()
     except BaseException:
-        shutil.rmtree(run.rundir, ignore_errors=True)
+        shutil.rmtree(rundir, ignore_errors=True)
         raise
-    run.emit("plan", f"mode {chosen.value}: {reason}")
+    run.rundir, run.state, run.info = rundir, report.state, report.target
+    run.transfer, run.plan = report.transfer, report.destination
+    assert run.transfer is not None
+    run.emit("plan", f"mode {run.transfer.mode.value}: {run.transfer.reason}")
 
 
 async def _start_destination(run: _Run) -> None:

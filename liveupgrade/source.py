@@ -45,6 +45,10 @@ class SourceState:
     version: QemuVersion
     capabilities: set[str]
     parameters: dict[str, Any]
+    migration_status: str
+    arch: str
+    tcg: bool
+    ram_bytes: int
 
 
 def is_qemu_exe(path: str) -> bool:
@@ -132,8 +136,13 @@ def resolve(source: str | int) -> SourceProcess:
     return matches[0]
 
 
+ACTIVE_MIGRATION = frozenset({"setup", "active", "pre-switchover", "device", "cancelling",
+                              "postcopy-active", "wait-unplug", "postcopy-paused",
+                              "postcopy-recover"})
+
+
 async def query_state(client: QMPClient, pid: int) -> SourceState:
-    """Ask the running source what it is; refuse if a migration is under way."""
+    """Ask the running source what it is (preflight judges whether that can be upgraded)."""
     what = f"source (PID {pid})"
     status = await monitor.execute(client, "query-status", what=what)
     name = await monitor.execute(client, "query-name", what=what)
@@ -144,20 +153,16 @@ async def query_state(client: QMPClient, pid: int) -> SourceState:
     migrate = await monitor.execute(client, "query-migrate", what=what)
     caps = await monitor.execute(client, "query-migrate-capabilities", what=what)
     params = await monitor.execute(client, "query-migrate-parameters", what=what)
-    if migrate.get("status") in ("setup", "active", "pre-switchover", "device", "cancelling",
-                                 "postcopy-active", "wait-unplug"):
-        raise Refused(f"a migration is already {migrate['status']} on VM {pid}",
-                      "wait for it to finish, or cancel it with migrate_cancel")
-    if status["status"] in ("inmigrate", "postmigrate", "finish-migrate", "shutdown",
-                            "internal-error", "io-error", "guest-panicked", "restore-vm"):
-        raise Refused(f"VM {pid} is in state '{status['status']}', not a state to upgrade from",
-                      "upgrade a VM that is running or paused")
+    arch = (await monitor.execute(client, "query-target", what=what))["arch"]
+    kvm = await monitor.execute(client, "query-kvm", what=what)
+    memory = await monitor.execute(client, "query-memory-size-summary", what=what)
     machine = str(machine_class).removesuffix("-machine")
     return SourceState(
         status=status["status"], running=bool(status["running"]), name=name.get("name"),
         uuid=uuid, machine=machine, version=version,
         capabilities={c["capability"] for c in caps},
-        parameters=params,
+        parameters=params, migration_status=str(migrate.get("status", "none")), arch=arch,
+        tcg=not kvm.get("enabled", False), ram_bytes=int(memory.get("base-memory", 0)),
     )
 
 

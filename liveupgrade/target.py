@@ -22,7 +22,7 @@ from liveupgrade.versions import QemuVersion
 PROBE_TIMEOUT = 15.0
 
 
-CACHE_VERSION = 1
+CACHE_VERSION = 3
 
 
 @dataclass
@@ -36,16 +36,25 @@ class TargetInfo:
     capabilities: set[str]
     parameters: set[str]
     real_exe: str = ""  # the binary a wrapper script execs
+    qom_types: set[str] = dataclasses.field(default_factory=set)  # devices, objects
+    chardev_backends: set[str] = dataclasses.field(default_factory=set)
+    netdev_types: set[str] = dataclasses.field(default_factory=set)
+    block_drivers: set[str] = dataclasses.field(default_factory=set)
+    cpu_models: set[str] = dataclasses.field(default_factory=set)
+    data_dirs: list[str] = dataclasses.field(default_factory=list)  # `-L help`, in order
 
     def to_cache(self) -> dict[str, Any]:
-        return {"version": dataclasses.asdict(self.version), "arch": self.arch,
-                "machines": sorted(self.machines), "capabilities": sorted(self.capabilities),
-                "parameters": sorted(self.parameters), "real_exe": self.real_exe}
+        data = dataclasses.asdict(self)
+        data.pop("path")
+        return {k: sorted(v) if isinstance(v, set) else v for k, v in data.items()}
 
     @classmethod
     def from_cache(cls, path: Path, data: dict[str, Any]) -> TargetInfo:
-        return cls(path, QemuVersion(**data["version"]), data["arch"], set(data["machines"]),
-                   set(data["capabilities"]), set(data["parameters"]), data["real_exe"])
+        fields: dict[str, Any] = {k: set(v) if isinstance(v, list) else v
+                                  for k, v in data.items()}
+        fields["version"] = QemuVersion(**data["version"])
+        fields["data_dirs"] = list(data["data_dirs"])  # ordered: a search path
+        return cls(path=path, **fields)
 
 
 def _stat_key(path: str) -> list[int]:
@@ -117,6 +126,7 @@ async def probe(path: Path, use_cache: bool = True) -> TargetInfo:
     if use_cache and (hit := cached_probe(binary)) is not None:
         return hit
     info = await _probe_process(binary)
+    info.data_dirs = await _data_dirs(binary)
     _store(info)
     return info
 
@@ -167,6 +177,10 @@ async def _query(binary: Path, proc: asyncio.subprocess.Process, sock: Path) -> 
             machines = await monitor.execute(q, "query-machines")
             caps = await monitor.execute(q, "query-migrate-capabilities")
             params = await monitor.execute(q, "query-migrate-parameters")
+            types = await monitor.execute(q, "qom-list-types", {"abstract": True})
+            chardevs = await monitor.execute(q, "query-chardev-backends")
+            cpus = await monitor.execute(q, "query-cpu-definitions")
+            schema = await monitor.execute(q, "query-qmp-schema")
     except MonitorError as e:
         detail = ""
         with contextlib.suppress(TimeoutError):
@@ -183,4 +197,28 @@ async def _query(binary: Path, proc: asyncio.subprocess.Process, sock: Path) -> 
         real_exe = ""
     return TargetInfo(binary, QemuVersion.from_qmp(version), arch, names,
                       {c["capability"] for c in caps}, set(params),
-                      "" if real_exe == str(binary) else real_exe)
+                      "" if real_exe == str(binary) else real_exe,
+                      qom_types={t["name"] for t in types},
+                      chardev_backends={c["name"] for c in chardevs},
+                      netdev_types=_schema_enum(schema, {"tap", "socket", "hubport"}),
+                      block_drivers=_schema_enum(schema, {"qcow2", "raw", "file"}),
+                      cpu_models={c["name"] for c in cpus} | {"host", "max", "base"})
+
+
+async def _data_dirs(binary: Path) -> list[str]:
+    """Where the binary looks for firmware and ROM files, as it says with `-L help`."""
+    proc = await asyncio.create_subprocess_exec(
+        str(binary), "-L", "help", stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL, env=clean_env())
+    out, _ = await proc.communicate()
+    return [line.strip() for line in out.decode(errors="replace").splitlines() if line.strip()]
+
+
+def _schema_enum(schema: list[dict[str, Any]], marker: set[str]) -> set[str]:
+    """The values of the introspected enum that contains `marker` (type names are masked)."""
+    for entry in schema:
+        if entry.get("meta-type") == "enum":
+            values = set(entry.get("values") or [m["name"] for m in entry.get("members", [])])
+            if marker <= values:
+                return values
+    return set()

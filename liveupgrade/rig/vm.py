@@ -160,7 +160,8 @@ class FixtureVM:
         try:
             yield client
         finally:
-            await client.disconnect()
+            with contextlib.suppress(Exception):  # e.g. EOF after a quit
+                await client.disconnect()
 
     def processes(self) -> list[psutil.Process]:
         """Every live process whose command line names this VM's folder."""
