@@ -9,11 +9,16 @@ import signal
 import sys
 import textwrap
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
+
+from rich.console import Console
+from rich.table import Table
 
 from liveupgrade import __version__
 from liveupgrade.bugs import KNOWN_BUGS
-from liveupgrade.errors import LiveUpgradeError
+from liveupgrade.engine import FORCEABLE
+from liveupgrade.errors import LiveUpgradeError, UsageError
 from liveupgrade.modes import Mode
 from liveupgrade.progress import ProgressDisplay
 
@@ -76,42 +81,80 @@ def _positive(kind: type[float] | type[int]) -> Callable[[str], float | int]:
     return parse
 
 
+LIST_HELP = """\
+Lists every QEMU process on this host: PID, -name, UUID, binary, version (asked
+over QMP when the monitor is free), whether it is stale, its QMP socket, how
+its RAM is backed, and the upgrade modes possible for it.
+
+A VM is stale when its binary on disk was deleted or replaced (a package
+upgrade), or a shared library it has mapped was, as needrestart decides.
+"""
+
+PLAN_HELP = """\
+Changes nothing. Prints the checks `upgrade` would run, each PASS or FAIL with
+the fix, the mode it would choose and why, the destination's command line,
+and the paths it would move into place. Exit status 0 if the upgrade could
+proceed, 1 if it would be refused, 2 for bad usage.
+
+checks that can be overridden with --force NAME: devices, backends,
+cpu-model, rom-sizes, host-memory, paths; and the known QEMU bugs
+(tcg-dirty-bitmap, ignore-shared-memfd). target-arch, machine-type, mode,
+monitor, migration-idle and run-state cannot be forced.
+"""
+
+
+def _add_transfer_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--to", dest="target", metavar="BINARY",
+                   help="the new QEMU binary (a qemu-system-* or a wrapper that execs one)")
+    p.add_argument("--mode", default="auto", choices=[m.value for m in Mode],
+                   help="how to hand over guest RAM (default: auto)")
+    p.add_argument("--bandwidth", type=_positive(float), metavar="MiB/s",
+                   help="cap the copy rate (default: unlimited; local socket)")
+    p.add_argument("--downtime-limit", type=_positive(int), default=100, metavar="MS",
+                   help="QEMU's target for the final stop-and-copy (default: 100)")
+    p.add_argument("--set", dest="overrides", action="append", default=[],
+                   metavar="ID.KEY=VALUE",
+                   help="change a host-side property for the new QEMU, e.g. a drive's "
+                        "file= to a bit-identical copy (repeatable)")
+    p.add_argument("--force", action="append", default=[], metavar="NAME",
+                   help="override a named non-safety check or accept a known QEMU bug "
+                        f"(repeatable): {', '.join(sorted(FORCEABLE | set(KNOWN_BUGS)))}")
+    p.add_argument("--json", action="store_true",
+                   help="print exactly one JSON document on stdout, no progress")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="liveupgrade", description=DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"liveupgrade {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    raw = argparse.RawDescriptionHelpFormatter
 
     up = sub.add_parser("upgrade", help="move a running VM into a new QEMU binary",
-                        description=UPGRADE_HELP,
-                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    up.add_argument("source", metavar="SOURCE", help="PID, QMP socket path, or -name of the VM")
-    up.add_argument("--to", dest="target", required=True, metavar="BINARY",
-                    help="the new QEMU binary (a qemu-system-* or a wrapper that execs one)")
-    up.add_argument("--mode", default="auto", choices=[m.value for m in Mode],
-                    help="how to hand over guest RAM (default: auto)")
-    up.add_argument("--bandwidth", type=_positive(float), metavar="MiB/s",
-                    help="cap the copy rate (default: unlimited; local socket)")
+                        description=UPGRADE_HELP, formatter_class=raw)
+    up.add_argument("source", metavar="SOURCE", nargs="?",
+                    help="PID, QMP socket path, or -name of the VM")
+    up.add_argument("--all-stale", action="store_true",
+                    help="upgrade every stale VM (see `list`); without --to each goes to the "
+                         "binary now at its own path")
+    up.add_argument("--parallel", type=_positive(int), default=1, metavar="N",
+                    help="with --all-stale: upgrade N VMs at a time (default 1)")
     up.add_argument("--timeout", type=_positive(float), default=600.0, metavar="SECONDS",
                     help="give up and roll back if switchover is not reached (default: 600)")
-    up.add_argument("--downtime-limit", type=_positive(int), default=100, metavar="MS",
-                    help="QEMU's target for the final stop-and-copy (default: 100)")
-    up.add_argument("--set", dest="overrides", action="append", default=[],
-                    metavar="ID.KEY=VALUE",
-                    help="change a host-side property for the new QEMU, e.g. a drive's "
-                         "file= to a bit-identical copy (repeatable)")
-    up.add_argument("--force", action="append", default=[], metavar="BUG",
-                    choices=sorted(KNOWN_BUGS),
-                    help="accept the risk of a known QEMU bug that would otherwise veto a "
-                         "mode: " + "; ".join(f"{b.key}: {b.summary}" for b in
-                                              KNOWN_BUGS.values()))
-    up.add_argument("--json", action="store_true",
-                    help="print exactly one JSON document on stdout, no progress")
+    _add_transfer_options(up)
+
+    pl = sub.add_parser("plan", help="dry run: every preflight check, the mode, the command line",
+                        description=PLAN_HELP, formatter_class=raw)
+    pl.add_argument("source", metavar="SOURCE", help="PID, QMP socket path, or -name of the VM")
+    _add_transfer_options(pl)
+
+    ls = sub.add_parser("list", help="every QEMU on this host, and which run stale code",
+                        description=LIST_HELP, formatter_class=raw)
+    ls.add_argument("--json", action="store_true", help="print one JSON document on stdout")
 
     demo = sub.add_parser("demo", help="live-upgrade a fixture guest 7.2 -> 10.0 and measure",
-                          description=DEMO_HELP,
-                          formatter_class=argparse.RawDescriptionHelpFormatter)
+                          description=DEMO_HELP, formatter_class=raw)
     demo.add_argument("--guest", choices=["micro", "linux"], default="micro",
                       help="microguest (boots in ~0.1 s) or linuxguest (Debian kernel, disk)")
     demo.add_argument("--ram", type=_positive(int), default=1024, metavar="MiB",
@@ -142,25 +185,68 @@ def _fail(args: argparse.Namespace, message: str, fix: str, code: int) -> int:
     return code
 
 
+def _table(title: str, columns: list[str], rows: list[list[str]]) -> None:
+    table = Table(title=title, show_lines=False)
+    for col in columns:
+        table.add_column(col, overflow="fold")
+    for row in rows:
+        table.add_row(*row)
+    Console().print(table)
+
+
+async def _run(args: argparse.Namespace, display: ProgressDisplay) -> tuple[Any, str, bool]:
+    """Run one command; return its JSON document, its text, and whether it succeeded."""
+    from liveupgrade import engine, fleet, inventory
+
+    options: dict[str, Any] = {}
+    if args.command in ("upgrade", "plan"):
+        options = {"mode": args.mode, "bandwidth": args.bandwidth,
+                   "downtime_limit": args.downtime_limit, "overrides": args.overrides,
+                   "force": args.force}
+    if args.command == "list":
+        vms = await inventory.list_vms()
+        if not args.json:
+            _table("QEMU processes", ["PID", "name", "version", "stale", "QMP", "RAM", "modes"],
+                   [[str(v.pid), v.name or "-", v.version or "?",
+                     "yes: " + "; ".join(v.stale_reasons) if v.stale else "no",
+                     v.qmp or "-", v.memory, ", ".join(v.modes) or "none"] for v in vms])
+        return [v.to_json() for v in vms], "", True
+    if args.command == "plan":
+        if not args.target:
+            raise UsageError("plan needs --to BINARY")
+        report = await engine.plan(args.source, args.target, **options)
+        return report.to_json(), report.render(), report.ok
+    if args.command == "upgrade" and args.all_stale:
+        if args.source:
+            raise UsageError("give either SOURCE or --all-stale, not both")
+        outcomes = await fleet.upgrade_all_stale(
+            Path(args.target) if args.target else None, args.parallel, on_event=display,
+            timeout=args.timeout, **options)
+        if not args.json:
+            _table(f"{len(outcomes)} stale VM(s)", ["PID", "name", "target", "result"],
+                   [[str(o.vm.pid), o.vm.name or "-", o.target,
+                     f"ok: {o.result.mode}, PID {o.result.destination_pid}, QEMU downtime "
+                     f"{o.result.downtime_ms} ms" if o.result else f"FAILED: {o.error}"]
+                    for o in outcomes])
+        return [o.to_json() for o in outcomes], "", all(o.result for o in outcomes)
+    if args.command == "upgrade":
+        if not args.source or not args.target:
+            raise UsageError("upgrade needs SOURCE and --to BINARY (or --all-stale)")
+        result = await engine.upgrade(args.source, args.target, timeout=args.timeout,
+                                      on_event=display, **options)
+        return {"ok": True, **result.to_json()}, result.summary(), True
+    from liveupgrade.demo import run_demo
+    outcome = await run_demo(guest=args.guest, ram_mib=args.ram, mode=args.mode,
+                             on_event=display)
+    return outcome.to_json(), outcome.summary(), outcome.ok
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     display = ProgressDisplay(enabled=not args.json)
     try:
         with display:
-            if args.command == "upgrade":
-                from liveupgrade.engine import upgrade
-                result = asyncio.run(_with_signals(upgrade(
-                    args.source, args.target, mode=args.mode, bandwidth=args.bandwidth,
-                    timeout=args.timeout, downtime_limit=args.downtime_limit,
-                    overrides=args.overrides, force=args.force, on_event=display)))
-                output: dict[str, Any] = {"ok": True, **result.to_json()}
-                text = result.summary()
-                ok = True
-            else:
-                from liveupgrade.demo import run_demo
-                outcome = asyncio.run(_with_signals(run_demo(
-                    guest=args.guest, ram_mib=args.ram, mode=args.mode, on_event=display)))
-                output, text, ok = outcome.to_json(), outcome.summary(), outcome.ok
+            output, text, ok = asyncio.run(_with_signals(_run(args, display)))
     except LiveUpgradeError as e:
         return _fail(args, str(e), e.fix, e.exit_code)
     except (KeyboardInterrupt, asyncio.CancelledError):
@@ -168,6 +254,6 @@ def main(argv: list[str] | None = None) -> int:
                      "VM runs on the old QEMU, as before", "", 1)
     if args.json:
         print(json.dumps(output, indent=2))
-    else:
+    elif text:
         print(text)
     return 0 if ok else 1

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -194,9 +195,66 @@ class PlanReport:
         return Refused("preflight checks failed: " + "; ".join(lines), fix)
 
 
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "ok": self.ok, "pid": self.vm.pid, "name": self.state.name, "uuid": self.state.uuid,
+            "machine": self.state.machine, "source_version": str(self.state.version),
+            "target_version": str(self.target.version), "target_binary": str(self.target.path),
+            "mode": self.preflight.mode.value if self.preflight.mode else None,
+            "mode_reason": self.preflight.reason,
+            "checks": [c.to_json() for c in self.preflight.checks],
+            "destination_argv": self.destination.argv if self.destination else None,
+            "relocations": [{"private": str(r.private), "original": str(r.original),
+                             "kind": r.kind} for r in self.destination.relocations]
+            if self.destination else [],
+        }
+
+    def render(self) -> str:
+        lines = [f"plan for {self.state.name or self.state.uuid} (PID {self.vm.pid}): "
+                 f"QEMU {self.state.version} -> {self.target.version} at {self.target.path}",
+                 f"mode: {self.preflight.mode.value if self.preflight.mode else 'none'}"
+                 f"{' (' + self.preflight.reason + ')' if self.preflight.reason else ''}",
+                 "checks:"]
+        for c in self.preflight.checks:
+            verdict = "PASS" if c.ok else ("FORCED" if c.forced else "FAIL")
+            lines.append(f"  {verdict:<6} {c.name:<26} {c.detail}")
+            if c.fix and not c.ok:
+                lines.append(f"  {'':<6} {'':<26} fix: {c.fix}"
+                             + ("" if c.forceable else " (cannot be forced)"))
+        if self.destination:
+            lines += ["destination command line (the run folder is created at upgrade time):",
+                      "  " + shlex.join(self.destination.argv)]
+            if self.destination.relocations:
+                lines.append("moved into place after the old QEMU exits:")
+                lines += [f"  {r.private} -> {r.original}" for r in self.destination.relocations]
+        lines.append("verdict: " + ("the upgrade can proceed" if self.ok else
+                                    "the upgrade would be refused"))
+        return "\n".join(lines)
+
+
+async def plan(source_spec: str | int, target_binary: str | Path, *,
+               mode: str | Mode = Mode.AUTO, bandwidth: float | None = None,
+               downtime_limit: int = 100, overrides: list[str] | None = None,
+               force: list[str] | None = None) -> PlanReport:
+    """Everything `upgrade` would check and do, without changing anything."""
+    proc = await asyncio.to_thread(source.resolve, source_spec)
+    client = await source.connect_source(proc)
+    try:
+        return await make_plan(
+            proc, client, Path(target_binary),
+            requested=mode if isinstance(mode, Mode) else parse_mode(mode),
+            overrides=[Override.parse(o) for o in overrides or []], bandwidth=bandwidth,
+            downtime_limit=downtime_limit, forced=frozenset(force or []))
+    finally:
+        with contextlib.suppress(Exception):
+            await client.disconnect()
+
+
+FORCEABLE = frozenset({"devices", "backends", "cpu-model", "rom-sizes", "host-memory", "paths"})
+
+
 def _validate_force(names: frozenset[str]) -> None:
-    valid = set(KNOWN_BUGS) | {"devices", "backends", "cpu-model", "rom-sizes", "host-memory",
-                               "paths"}
+    valid = set(KNOWN_BUGS) | FORCEABLE
     unknown = names - valid
     if unknown:
         raise UsageError(f"--force {', '.join(sorted(unknown))}: no such check or known bug",

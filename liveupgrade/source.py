@@ -96,7 +96,7 @@ def inspect_process(pid: int) -> SourceProcess:
     return SourceProcess(pid, exe, argv, cmdline, qmps[0], environ, proc.create_time())
 
 
-def _qemu_processes() -> list[psutil.Process]:
+def qemu_processes() -> list[psutil.Process]:
     found = []
     for proc in psutil.process_iter(["exe", "cmdline"]):
         exe = proc.info.get("exe") or ""
@@ -113,7 +113,7 @@ def resolve(source: str | int) -> SourceProcess:
     text = str(source)
     matches: list[SourceProcess] = []
     as_path = Path(text).resolve() if "/" in text else None
-    for proc in _qemu_processes():
+    for proc in qemu_processes():
         try:
             facts = inspect_process(proc.pid)
         except (SourceNotFound, NotQemu, Refused):
