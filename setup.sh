@@ -102,7 +102,7 @@ fi
 # --- 4. Fixture guests --------------------------------------------------------
 make -s -C "$root/qemu-fixtures/microguest" OUT="$root/qemu-fixtures/build"
 lg=$root/qemu-fixtures/build/linuxguest-initrd.gz
-if [ ! -f "$lg" ] || [ -n "$(find "$root/qemu-fixtures/linuxguest" -newer "$lg" -type f)" ]; then
+if [ ! -f "$lg" ] || [ -n "$(find "$root/qemu-fixtures/linuxguest" "$root/qemu-fixtures/common" -newer "$lg" -type f)" ]; then
     log "building the linuxguest"
     "$root/qemu-fixtures/linuxguest/build.sh" "$kernel" "$root/qemu-fixtures/build"
 fi
@@ -115,7 +115,7 @@ fi
 stamp=$root/.venv/.liveupgrade-installed
 if [ ! -f "$stamp" ] || [ "$root/pyproject.toml" -nt "$stamp" ]; then
     "$root/.venv/bin/pip" install -q --upgrade pip
-    "$root/.venv/bin/pip" install -q -e "$root[test]"
+    "$root/.venv/bin/pip" install -q -e "$root[test,bench]"
     touch "$stamp"
 fi
 log "ready: QEMU 7.2 $(/usr/bin/qemu-system-x86_64 --version | head -n 1 | awk '{print $4}'), QEMU $(cat "$qemu10/version")"

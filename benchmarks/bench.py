@@ -31,11 +31,19 @@ import psutil
 
 from benchmarks.raw_qmp import raw_upgrade
 from liveupgrade import engine
-from liveupgrade.rig import FixturePaths, FixtureVM, MemoryBacking, VMConfig, find_fixtures
+from liveupgrade.rig import (
+    FixturePaths,
+    FixtureVM,
+    GuestKind,
+    MemoryBacking,
+    VMConfig,
+    find_fixtures,
+)
 from liveupgrade.rig.kvm import decide_accel_async
 
 RESULTS = Path(__file__).resolve().parent / "results"
 HEARTBEAT_US = 1000
+LINUX_HEARTBEAT_US = 10000
 FILL_MIB = 256  # memory the guest writes and verifies: a working set, not all of RAM
 FILL_COPIED_MIB = 1024  # where RAM is copied, a larger working set makes the copy real
 
@@ -49,10 +57,12 @@ class Case:
     ram_gib: int
     dirty_mib: int
     pair: str  # "7.2->10.0"
+    guest: str = "microguest"  # or "linuxguest": Debian's kernel, virtio disk, 10 ms heartbeat
 
     @property
     def label(self) -> str:
-        return f"{self.method} {self.mode} {self.ram_gib}G {self.dirty_mib}MiB/s {self.pair}"
+        return (f"{self.method} {self.mode} {self.ram_gib}G {self.dirty_mib}MiB/s {self.pair}"
+                f"{'' if self.guest == 'microguest' else ' ' + self.guest}")
 
 
 def backing_for(mode: str) -> tuple[MemoryBacking, bool]:
@@ -99,15 +109,18 @@ async def boot(case: Case, fx: FixturePaths, accel: str) -> FixtureVM:
     backing, aux = backing_for(case.mode)
     copies_ram = case.mode == "copy" or case.method == "save-restore"
     ram_mib = case.ram_gib * 1024
+    linux = case.guest == "linuxguest"
     vm = FixtureVM(VMConfig(
         binary=src, ram_mib=ram_mib, backing=backing, aux_ram_share=aux, accel=accel,
-        fill_mib=min(ram_mib - 64, FILL_COPIED_MIB if copies_ram else FILL_MIB),
+        guest=GuestKind.LINUX if linux else GuestKind.MICRO,
+        fill_mib=min(ram_mib - 64, FILL_COPIED_MIB if copies_ram else FILL_MIB) // (4 if linux
+                                                                                    else 1),
         dirty_rate_mib=case.dirty_mib,
-        heartbeat_us=HEARTBEAT_US, name="lu-bench"), fx)
+        heartbeat_us=LINUX_HEARTBEAT_US if linux else HEARTBEAT_US, name="lu-bench"), fx)
     try:
         await vm.start()
         await vm.heartbeat.wait_for(lambda log: bool(log.ready), 120)  # memory filled
-        await vm.heartbeat.wait_beats(300, 30)  # dirtying in steady state
+        await vm.heartbeat.wait_beats(30 if linux else 300, 30)  # dirtying in steady state
     except BaseException:
         await vm.close()
         raise
@@ -125,7 +138,7 @@ async def measure(case: Case, fx: FixturePaths, accel: str) -> dict[str, Any]:
         async with sampler.running():
             row.update(await _run_method(case, vm, fx, extra))
         finished = time.monotonic()
-        await vm.heartbeat.wait_beats(200, 60)
+        await vm.heartbeat.wait_beats(20 if case.guest == "linuxguest" else 200, 120)
         log = vm.heartbeat.log
         if case.method == "cold-restart":  # the guest rebooted: the pause ends at its first beat
             restart_at = row.pop("restart_at")
@@ -243,6 +256,13 @@ def matrix(quick: bool) -> list[Case]:
                 cases.append(Case("save-restore", "-", ram, dirty, "7.2->10.0"))
             if dirty == 0:
                 cases.append(Case("cold-restart", "-", ram, dirty, "7.2->10.0"))
+    lg = "linuxguest"
+    cases += [Case("stop-cont", "-", 1, 50, "7.2->7.2", lg),
+              Case("liveupgrade", "shared", 1, 50, "7.2->10.0", lg),
+              Case("raw-qmp", "shared", 1, 50, "7.2->10.0", lg),
+              Case("liveupgrade", "shared", 4, 50, "7.2->10.0", lg),
+              Case("save-restore", "-", 1, 50, "7.2->10.0", lg),
+              Case("cold-restart", "-", 1, 50, "7.2->10.0", lg)]
     return cases
 
 
@@ -280,20 +300,21 @@ def markdown(results: list[dict[str, Any]], facts: dict[str, Any], runs: int) ->
     lines = [f"Machine: {facts['cpu']}, {facts['cores']} cores, {facts['memory_gib']} GiB, "
              f"kernel {facts['kernel']}, accel {facts['accel']}; {facts['qemu']['old']} / "
              f"{facts['qemu']['new']}; {facts['date']}; median (min-max) of {runs} runs.", "",
-             "| method | mode | RAM GiB | dirty MiB/s | versions | guest pause ms | "
+             "| method | mode | RAM GiB | dirty MiB/s | versions | guest | guest pause ms | "
              "QEMU downtime ms | QEMU total ms | wall ms | RAM sent MiB | extra host MiB |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in results:
         c, s = r["case"], r["stats"]
+        guest = c.get("guest", "microguest")
         if r.get("error"):
             lines.append(f"| {c['method']} | {c['mode']} | {c['ram_gib']} | {c['dirty_mib']} | "
-                         f"{c['pair']} | failed: {r['error'][:80]} | | | | | |")
+                         f"{c['pair']} | {guest} | failed: {r['error'][:80]} | | | | | |")
             continue
         sent = s.get("ram_transferred")
         sent_mib = ({k: v / 2**20 for k, v in sent.items()} if sent else None)
         lines.append(
             f"| {c['method']} | {c['mode']} | {c['ram_gib']} | {c['dirty_mib']} | {c['pair']} | "
-            f"{fmt(s.get('pause_ms'))} | {fmt(s.get('qemu_downtime_ms'), 0)} | "
+            f"{guest} | {fmt(s.get('pause_ms'))} | {fmt(s.get('qemu_downtime_ms'), 0)} | "
             f"{fmt(s.get('qemu_total_ms'), 0)} | {fmt(s.get('wall_ms'), 0)} | "
             f"{fmt(sent_mib)} | {fmt(s.get('peak_extra_host_mib'), 0)} |")
     return "\n".join(lines) + "\n"
@@ -313,7 +334,8 @@ def plots(results: list[dict[str, Any]], out: Path) -> list[Path]:
             c, s = r["case"], r["stats"]
             if r.get("error") or metric not in s:
                 continue
-            key = f"{c['method']} {c['mode']} {c['pair']} dirty {c['dirty_mib']}"
+            key = (f"{c['method']} {c['mode']} {c['pair']} dirty {c['dirty_mib']} "
+                   f"{c.get('guest', 'microguest')}")
             series.setdefault(key, []).append((c["ram_gib"], s[metric]["median"]))
         for key, points in sorted(series.items()):
             points.sort()
@@ -370,6 +392,22 @@ async def main_async(args: argparse.Namespace) -> int:
     return 1 if any(r["error"] for r in results) else 0
 
 
+def publish(dirs: list[Path], docs: Path) -> None:
+    """Merge results folders into docs/performance/: table.md, plots, results.json."""
+    results, facts, runs = [], {}, 0
+    for d in dirs:
+        data = json.loads((d / "results.json").read_text())
+        results += data["results"]
+        facts, runs = data["machine"], data["runs"]
+    docs.mkdir(parents=True, exist_ok=True)
+    (docs / "results.json").write_text(json.dumps(
+        {"machine": facts, "runs": runs, "results": results}, indent=1))
+    table = markdown(results, facts, runs)
+    (docs / "table.md").write_text(table)
+    plots(results, docs)
+    print(table)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -380,7 +418,13 @@ def main() -> int:
                         help="results folder (default: benchmarks/results/TIME)")
     parser.add_argument("--no-plots", action="store_true")
     parser.add_argument("--debug", action="store_true", help="stop at the first failure")
-    return asyncio.run(main_async(parser.parse_args()))
+    parser.add_argument("--publish", type=Path, nargs="+", metavar="RESULTS_DIR",
+                        help="merge results folders into docs/performance/ and stop")
+    args = parser.parse_args()
+    if args.publish:
+        publish(args.publish, Path(__file__).resolve().parents[1] / "docs" / "performance")
+        return 0
+    return asyncio.run(main_async(args))
 
 
 if __name__ == "__main__":

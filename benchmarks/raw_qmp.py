@@ -72,7 +72,7 @@ async def raw_upgrade(source_argv: list[str], source_qmp: Path, target: Path, mo
         await dst.execute("migrate-incoming", {"uri": f"unix:{mig}"})
         await src.execute("migrate", {"uri": f"unix:{mig}"})
     while True:
-        event = await listener.get()
+        event: Any = await listener.get()
         if event["data"]["status"] in ("completed", "failed"):
             break
     await dst.execute("cont")

@@ -53,8 +53,12 @@ exit status:
   0 upgraded; 1 refused or failed (the VM runs on the old QEMU, unless the
   message says otherwise); 2 bad usage (unknown VM, wrong binary, bad option).
 
+Before anything starts, the checks `liveupgrade plan` shows are run; any
+failure refuses the upgrade (exit 1) unless overridden by name with --force.
+
 examples:
   liveupgrade upgrade 4242 --to /usr/bin/qemu-system-x86_64
+  liveupgrade upgrade --all-stale --parallel 2
   liveupgrade upgrade /run/vm/web1.qmp --to /opt/qemu-10.0/bin/qemu-system-x86_64 --json
   liveupgrade upgrade web1 --to /usr/bin/qemu-system-x86_64 --mode copy --bandwidth 2000
   liveupgrade upgrade web1 --to /usr/bin/qemu-system-x86_64 \\

@@ -19,5 +19,5 @@ def test_ruff() -> None:
 
 
 def test_mypy_strict() -> None:
-    result = run("mypy", "liveupgrade")
+    result = run("mypy", "liveupgrade", "benchmarks")
     assert result.returncode == 0, result.stdout + result.stderr

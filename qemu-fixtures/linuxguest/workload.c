@@ -24,7 +24,9 @@
 #include <time.h>
 #include <unistd.h>
 
-#define PAGE_WORDS 1024u
+#include "../common/pattern.h"
+
+#define PAGE_WORDS PATTERN_PAGE_WORDS
 #define DISK_MAGIC 0x4c55504752414445ull /* "LUPGRADE" */
 #define DISK_PERIOD_US 100000u
 
@@ -46,39 +48,22 @@ static uint32_t arg(const char *cmdline, const char *key, uint32_t dflt)
     return p ? (uint32_t)strtoul(p + strlen(key), NULL, 10) : dflt;
 }
 
-static inline uint32_t mix(uint32_t page, uint32_t gen)
+static volatile uint32_t *page_ptr(uint32_t page)
 {
-    uint32_t x = page * 0x85ebca6bu ^ gen * 0xc2b2ae35u;
-    x ^= x >> 16;
-    return x * 0x27d4eb2du;
-}
-
-static inline uint32_t static_word(uint32_t page, uint32_t j)
-{
-    return (page * 0x9e3779b9u) ^ (j * 0x7feb352du) ^ 0xa5a5a5a5u;
+    return pattern + (size_t)page * PAGE_WORDS;
 }
 
 static void write_page(uint32_t page, uint32_t gen)
 {
-    volatile uint32_t *w = pattern + (size_t)page * PAGE_WORDS;
     gen_table[page] = gen;
-    w[0] = page;
-    w[1] = gen;
-    w[2] = mix(page, gen);
-    for (uint32_t j = 3; j < PAGE_WORDS; j++)
-        w[j] = static_word(page, j);
+    pattern_write(page_ptr(page), page, gen);
 }
 
+/* As the microguest: count a bad page once, then rewrite it. */
 static void verify_page(uint32_t page)
 {
-    volatile uint32_t *w = pattern + (size_t)page * PAGE_WORDS;
-    uint32_t gen = gen_table[page], bad = PAGE_WORDS, exp = 0, got = 0;
-    if (w[0] != page) { bad = 0; exp = page; got = w[0]; }
-    else if (w[1] != gen) { bad = 1; exp = gen; got = w[1]; }
-    else if (w[2] != mix(page, gen)) { bad = 2; exp = mix(page, gen); got = w[2]; }
-    else
-        for (uint32_t j = 3; j < PAGE_WORDS; j++)
-            if (w[j] != static_word(page, j)) { bad = j; exp = static_word(page, j); got = w[j]; break; }
+    uint32_t gen = gen_table[page], exp = 0, got = 0;
+    uint32_t bad = pattern_check(page_ptr(page), page, gen, &exp, &got);
     if (bad != PAGE_WORDS) {
         errors++;
         if (err_lines++ < 16)
@@ -212,8 +197,7 @@ int main(void)
             for (int i = 0; dirtied < owed && i < 256; i++, dirtied++) {
                 uint32_t gen = gen_table[dirty_at] + 1;
                 gen_table[dirty_at] = gen;
-                pattern[(size_t)dirty_at * PAGE_WORDS + 1] = gen;
-                pattern[(size_t)dirty_at * PAGE_WORDS + 2] = mix(dirty_at, gen);
+                pattern_dirty(page_ptr(dirty_at), dirty_at, gen);
                 if (++dirty_at == pages)
                     dirty_at = 0;
             }

@@ -19,6 +19,8 @@
  * Guest time is the ACPI PM timer (3.579545 MHz, QEMU's virtual clock): it
  * stops while the VM is stopped, so a host-seen gap is the guest's pause.
  */
+#include "../common/pattern.h"
+
 typedef unsigned char u8;
 typedef unsigned short u16;
 typedef unsigned int u32;
@@ -29,7 +31,7 @@ typedef unsigned long long u64;
 #define PM_TIMER_HZ 3579545u
 #define GEN_TABLE ((volatile u32 *)0x00800000) /* 8 MiB: one u32 per page */
 #define PATTERN_BASE 0x01000000u                /* 16 MiB */
-#define PAGE_WORDS 1024u
+#define PAGE_WORDS PATTERN_PAGE_WORDS
 #define VERIFY_PAGES_PER_STEP 4u
 #define FILL_PAGES_PER_STEP 4u
 #define MAX_ERR_LINES 16u
@@ -112,35 +114,19 @@ static u32 parse_arg(const char *cmdline, const char *key, u32 dflt)
     return dflt;
 }
 
-static inline u32 mix(u32 page, u32 gen)
-{
-    u32 x = page * 0x85ebca6bu ^ gen * 0xc2b2ae35u;
-    x ^= x >> 16;
-    return x * 0x27d4eb2du;
-}
-
-static inline u32 static_word(u32 page, u32 j) { return (page * 0x9e3779b9u) ^ (j * 0x7feb352du) ^ 0xa5a5a5a5u; }
-
 static inline volatile u32 *page_ptr(u32 page) { return (volatile u32 *)(PATTERN_BASE + page * 4096u); }
 
 static void write_page(u32 page, u32 gen)
 {
-    volatile u32 *w = page_ptr(page);
     GEN_TABLE[page] = gen;
-    w[0] = page;
-    w[1] = gen;
-    w[2] = mix(page, gen);
-    for (u32 j = 3; j < PAGE_WORDS; j++)
-        w[j] = static_word(page, j);
+    pattern_write(page_ptr(page), page, gen);
 }
 
 static void dirty_page(u32 page)
 {
-    volatile u32 *w = page_ptr(page);
     u32 gen = GEN_TABLE[page] + 1;
     GEN_TABLE[page] = gen;
-    w[1] = gen;
-    w[2] = mix(page, gen);
+    pattern_dirty(page_ptr(page), page, gen);
 }
 
 static u32 errors, err_lines;
@@ -158,18 +144,8 @@ static void report(u32 page, u32 word, u32 expected, u32 got)
  * single corruption is reported once, not on every pass. */
 static void verify_page(u32 page)
 {
-    volatile u32 *w = page_ptr(page);
-    u32 gen = GEN_TABLE[page];
-    u32 bad_word = PAGE_WORDS, expected = 0, got = 0;
-    if (w[0] != page) { bad_word = 0; expected = page; got = w[0]; }
-    else if (w[1] != gen) { bad_word = 1; expected = gen; got = w[1]; }
-    else if (w[2] != mix(page, gen)) { bad_word = 2; expected = mix(page, gen); got = w[2]; }
-    else {
-        for (u32 j = 3; j < PAGE_WORDS; j++) {
-            u32 e = static_word(page, j);
-            if (w[j] != e) { bad_word = j; expected = e; got = w[j]; break; }
-        }
-    }
+    u32 gen = GEN_TABLE[page], expected = 0, got = 0;
+    u32 bad_word = pattern_check(page_ptr(page), page, gen, &expected, &got);
     if (bad_word != PAGE_WORDS) {
         errors++;
         report(page, bad_word, expected, got);
