@@ -358,7 +358,7 @@ async def _connect_destination(run: _Run) -> None:
     assert run.plan and run.transfer
     await _wait_for_path(run, run.plan.qmp_path)
     try:
-        run.dst_qmp = await monitor.connect(run.plan.qmp_path, "destination")
+        run.dst_qmp = await monitor.connect_new(run.plan.qmp_path, "destination")
     except MonitorError as e:
         # Usually the destination died right after opening its monitor: say why.
         assert run.dst_proc

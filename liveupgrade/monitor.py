@@ -40,7 +40,7 @@ async def connect(path: Path, name: str, timeout: float = CONNECT_TIMEOUT) -> QM
             raise MonitorError(f"no QMP socket at {path}",
                                "check the path, or that the VM is running") from e
         if isinstance(root, ConnectionRefusedError):
-            raise MonitorError(f"nothing listens on the QMP socket {path} (stale socket file)",
+            raise _NotListening(f"nothing listens on the QMP socket {path} (stale socket file)",
                                "the QEMU that made it has exited; give a running VM") from e
         if isinstance(root, PermissionError):
             raise MonitorError(f"permission denied opening {path}",
@@ -49,9 +49,30 @@ async def connect(path: Path, name: str, timeout: float = CONNECT_TIMEOUT) -> QM
     return client
 
 
+class _NotListening(MonitorError):
+    """The socket file exists but nothing accepts on it (yet, or any more)."""
+
+
+async def connect_new(path: Path, name: str, within: float = 5.0) -> QMPClient:
+    """Connect to a QEMU we just started.
+
+    QEMU creates the socket file (bind) a moment before it listens, so a
+    refused connection is retried for `within` seconds.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    while True:
+        try:
+            return await connect(path, name)
+        except _NotListening:
+            if loop.time() > deadline:
+                raise
+            await asyncio.sleep(0.002)
+
+
 @contextlib.asynccontextmanager
-async def session(path: Path, name: str) -> AsyncIterator[QMPClient]:
-    client = await connect(path, name)
+async def session(path: Path, name: str, new: bool = False) -> AsyncIterator[QMPClient]:
+    client = await (connect_new(path, name) if new else connect(path, name))
     try:
         yield client
     finally:

@@ -171,7 +171,7 @@ async def _query(binary: Path, proc: asyncio.subprocess.Process, sock: Path) -> 
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(asyncio.shield(proc.wait()), 0.002)
     try:
-        async with monitor.session(sock, "target-probe") as q:
+        async with monitor.session(sock, "target-probe", new=True) as q:
             version: dict[str, Any] = await monitor.execute(q, "query-version")
             arch = (await monitor.execute(q, "query-target"))["arch"]
             machines = await monitor.execute(q, "query-machines")

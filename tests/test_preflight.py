@@ -200,7 +200,7 @@ async def test_upgrade_all_stale(fixtures: FixturePaths, make_vm: VMFactory, tmp
     doc = {d["name"]: d for d in json.loads(out)}
     assert code == 1, err  # one VM could not be upgraded
     assert set(doc) >= {"stale-0", "stale-1", "stale-anon"} and "current" not in doc
-    assert doc["stale-0"]["ok"] and doc["stale-1"]["ok"]
+    assert doc["stale-0"]["ok"] and doc["stale-1"]["ok"], (doc["stale-0"], doc["stale-1"])
     assert not doc["stale-anon"]["ok"] and "TCG" in doc["stale-anon"]["error"]
     for vm in stale:
         await assert_guest_intact(vm)
