@@ -30,7 +30,7 @@ from typing import Any
 import psutil
 
 from benchmarks.raw_qmp import raw_upgrade
-from liveupgrade import engine
+from liveupgrade import engine, monitor
 from liveupgrade.rig import (
     FixturePaths,
     FixtureVM,
@@ -205,15 +205,30 @@ async def _quit_and_wait(vm: FixtureVM) -> None:
 
 async def _save_restore(vm: FixtureVM, target: Path,
                         extra: list[subprocess.Popen[bytes]]) -> dict[str, Any]:
-    """What a cautious operator does today: save the VM to a file, restore it on the new binary."""
+    """What a cautious operator does today (virsh save/restore): pause, save the VM to a
+    file, quit, restore it on the new binary, which resumes it."""
     state = vm.dir / "saved-state"
     async with vm.qmp() as q:
+        await q.execute("stop")
         await q.execute("migrate-set-parameters", {"max-bandwidth": 100 * 1024**3})
         await q.execute("migrate", {"uri": f"exec:cat > {state}"})
         while (await q.execute("query-migrate"))["status"] not in ("completed", "failed"):  # type: ignore[index]
             await asyncio.sleep(0.01)
     await _quit_and_wait(vm)
     await _spawn(_restart_argv(vm, target, ["-incoming", f"exec:cat {state}"]), extra)
+    # The state was saved paused, so QEMU restores it paused: resume it, as virsh restore does.
+    while not vm.qmp_path.exists():
+        await asyncio.sleep(0.002)
+    client = await monitor.connect_new(vm.qmp_path, "bench-restore", within=60)
+    try:
+        while True:
+            status: Any = await client.execute("query-status")
+            if status["status"] == "paused":
+                break
+            await asyncio.sleep(0.005)
+        await client.execute("cont")
+    finally:
+        await client.disconnect()
     await vm.heartbeat.wait_beats(1, 120)
     return {"state_file_mib": state.stat().st_size / 2**20}
 
@@ -393,12 +408,21 @@ async def main_async(args: argparse.Namespace) -> int:
 
 
 def publish(dirs: list[Path], docs: Path) -> None:
-    """Merge results folders into docs/performance/: table.md, plots, results.json."""
-    results, facts, runs = [], {}, 0
+    """Merge results folders into docs/performance/: table.md, plots, results.json.
+
+    A case measured again in a later folder replaces the earlier measurement.
+    """
+    merged: dict[str, dict[str, Any]] = {}
+    facts: dict[str, Any] = {}
+    runs = 0
     for d in dirs:
         data = json.loads((d / "results.json").read_text())
-        results += data["results"]
+        for r in data["results"]:
+            case = {"guest": "microguest", **r["case"]}
+            r["case"] = case
+            merged[json.dumps(case, sort_keys=True)] = r
         facts, runs = data["machine"], data["runs"]
+    results = list(merged.values())
     docs.mkdir(parents=True, exist_ok=True)
     (docs / "results.json").write_text(json.dumps(
         {"machine": facts, "runs": runs, "results": results}, indent=1))

@@ -21,7 +21,7 @@ import signal
 import subprocess
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -122,9 +122,11 @@ async def upgrade(
     everything before switchover, in seconds; `downtime_limit` is QEMU's
     target for the final stop-and-copy, in ms; `overrides` are --set style
     "ID.KEY=VALUE" host-side changes for the destination; `force` names
-    known QEMU bugs (bugs.KNOWN_BUGS) whose risk the caller accepts. Raises a
+    preflight checks (FORCEABLE) to override and known QEMU bugs
+    (bugs.KNOWN_BUGS) whose risk the caller accepts. Raises a
     LiveUpgradeError subclass naming the cause; before switchover that means
-    the VM still runs on the source, untouched.
+    the VM still runs on the source, untouched. Cancelling the task before
+    switchover rolls back; from switchover on, the upgrade completes first.
     """
     run = _Run(on_event or (lambda _e: None))
     requested = mode if isinstance(mode, Mode) else parse_mode(mode)
@@ -149,19 +151,34 @@ async def upgrade(
             raise TransferFailed(f"the upgrade did not reach switchover within {timeout:.0f} s; "
                                  "the migration was cancelled and the VM runs on the source",
                                  "raise --timeout, or --bandwidth / --downtime-limit") from None
-        except asyncio.CancelledError:
+        except BaseException:  # errors and cancellation (Ctrl-C, SIGTERM) alike
             await asyncio.shield(_rollback(run))
             raise
-        except BaseException:
-            await asyncio.shield(_rollback(run))
-            raise
-        # Shielded: a Ctrl-C from here on must not leave the VM half-moved.
-        return await asyncio.shield(_finish(run))
+        return await _past_the_point_of_no_return(_finish(run))
     finally:
         for client in (run.src_qmp, run.dst_qmp):
             if client is not None:
                 with contextlib.suppress(Exception):
                     await client.disconnect()
+
+
+async def _past_the_point_of_no_return(finish: Awaitable[UpgradeResult]) -> UpgradeResult:
+    """Run the switchover to its end even if cancelled meanwhile.
+
+    Stopping halfway would leave the guest moved but the old QEMU alive or the
+    sockets not in place; a cancellation that arrives now is absorbed, and the
+    caller gets the finished upgrade's result.
+    """
+    task = asyncio.ensure_future(finish)
+    while True:
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if task.done():
+                raise
+            current = asyncio.current_task()
+            if current is not None:
+                current.uncancel()
 
 
 async def _inspect(run: _Run, spec: str | int) -> None:

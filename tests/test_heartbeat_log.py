@@ -33,3 +33,10 @@ def test_sequence_faults_name_skips_and_repeats() -> None:
     log = HeartbeatLog()
     fill(log, [(0.0, 0), (0.1, 1), (0.2, 3), (0.3, 3), (0.4, 4)])
     assert log.sequence_faults() == ["seq 0x1 -> 0x3", "seq 0x3 -> 0x3"]
+
+
+def test_max_gap_includes_the_last_beat_before_the_window() -> None:
+    log = HeartbeatLog()
+    fill(log, [(0.0, 0), (0.01, 1), (0.05, 2), (0.06, 3)])
+    gap = log.max_gap(0.02, 0.03)  # no beat inside: the pause spans the whole window
+    assert abs(gap.seconds - 0.04) < 1e-9

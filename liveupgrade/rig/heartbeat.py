@@ -83,13 +83,14 @@ class HeartbeatLog:
     def max_gap(self, start: float = 0.0, end: float = float("inf")) -> Gap:
         """Largest arrival gap between consecutive heartbeats in the window.
 
-        The first beat after `end` is included, so a pause that begins inside
-        the window and ends after it is still measured whole.
+        The last beat before `start` and the first after `end` are included,
+        so a pause that spans an edge of the window is still measured whole
+        (with a 10 ms heartbeat, a short pause may have no beat inside it).
         """
         beats = self.window(start, end)
+        earlier = [b for b in self.beats if b.host_time < start]
         later = [b for b in self.beats if b.host_time > end]
-        if later:
-            beats.append(later[0])
+        beats = earlier[-1:] + beats + later[:1]
         best = Gap(0.0, None, None)
         for before, after in itertools.pairwise(beats):
             if after.host_time - before.host_time > best.seconds:
