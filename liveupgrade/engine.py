@@ -494,6 +494,13 @@ async def _rollback(run: _Run) -> None:
             await _qmp(run.src_qmp).execute("migrate-set-capabilities", {"capabilities": [
                 {"capability": k, "state": False}
                 for k in (run.transfer.source_caps if run.transfer else {}) if k != "events"]})
+        # Give the source back the migration parameters it had (mode, bandwidth, ...),
+        # so whatever migrates it next does not inherit ours.
+        if run.transfer is not None:
+            before = run.state.parameters
+            restore = {k: before[k] for k in run.transfer.source_params if k in before}
+            with contextlib.suppress(Exception):
+                await _qmp(run.src_qmp).execute("migrate-set-parameters", restore)
     _remove_private_paths(run)
 
 

@@ -65,9 +65,13 @@ async def test_destination_that_dies_at_start_rolls_back(fixtures: FixturePaths,
 async def test_timeout_during_copy_cancels_and_source_runs_on(fixtures: FixturePaths,
                                                               make_vm: VMFactory):
     vm = await make_vm(fixtures.qemu_new, backing=MemoryBacking.ANONYMOUS, fill_mib=64)
+    async with vm.qmp() as q:
+        params_before = await q.execute("query-migrate-parameters")
     with pytest.raises(TransferFailed, match=r"did not reach switchover within 2 s"):
         await engine.upgrade(vm.pid, fixtures.qemu_new, mode="copy", bandwidth=1, timeout=2)
     await assert_untouched(vm)
+    async with vm.qmp() as q:  # our bandwidth, downtime limit and channels were given back
+        assert await q.execute("query-migrate-parameters") == params_before
     async with vm.qmp() as q:
         assert (await q.execute("query-migrate"))["status"] == "cancelled"
     # The source is as good as before: a real upgrade now succeeds.
