@@ -17,9 +17,9 @@ from rich.table import Table
 
 from liveupgrade import __version__
 from liveupgrade.bugs import KNOWN_BUGS
-from liveupgrade.engine import FORCEABLE
 from liveupgrade.errors import LiveUpgradeError, UsageError
 from liveupgrade.modes import Mode
+from liveupgrade.preflight import FORCEABLE
 from liveupgrade.progress import ProgressDisplay
 
 DESCRIPTION = """\

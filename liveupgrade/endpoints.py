@@ -7,6 +7,7 @@ on the destination and moved into place once the source has exited.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -98,6 +99,13 @@ def qmp_paths(cmd: CommandLine) -> list[Path]:
     return [h.path for h in held_paths(cmd) if h.is_qmp]
 
 
+def _without_waiting(kv: KeyVals) -> str:
+    """The spec with any wait/nowait spelling replaced by wait=off."""
+    kv.items = [(k, v) for k, v in kv.items if not (k is None and v in ("wait", "nowait"))]
+    kv.set("wait", "off")
+    return kv.render()
+
+
 def relocate(held: HeldPath, new_path: Path) -> None:
     """Point the option at new_path and make a server socket not wait for a client."""
     opt = held.option
@@ -111,15 +119,11 @@ def relocate(held: HeldPath, new_path: Path) -> None:
     elif held.kind == "monitor":
         kv = opt.keyvals()
         kv.items[0] = (None, f"unix:{new_path}")
-        kv.items = [(k, v) for k, v in kv.items if not (k is None and v in ("wait", "nowait"))]
-        kv.set("wait", "off")
-        opt.value = kv.render()
+        opt.value = _without_waiting(kv)
+    elif opt.is_json:
+        data = opt.json()
+        data.update(path=str(new_path), wait=False)  # JSON wants a boolean, not "off"
+        opt.value = json.dumps(data, separators=(",", ":"))
     else:
         opt.set_prop("path", str(new_path))
-        if opt.is_json:
-            opt.set_prop("wait", "off")
-        else:
-            kv = opt.keyvals()
-            kv.items = [(k, v) for k, v in kv.items if not (k is None and v in ("wait", "nowait"))]
-            kv.set("wait", "off")
-            opt.value = kv.render()
+        opt.value = _without_waiting(opt.keyvals())

@@ -47,6 +47,7 @@ from liveupgrade.memory import layout
 from liveupgrade.modes import Mode, ModeInputs, Transfer, parse_mode, transfer_settings
 from liveupgrade.plan import DestinationPlan, Override, build_destination
 from liveupgrade.preflight import (
+    FORCEABLE,
     Preflight,
     check_host,
     check_mode,
@@ -265,9 +266,6 @@ async def plan(source_spec: str | int, target_binary: str | Path, *,
     finally:
         with contextlib.suppress(Exception):
             await client.disconnect()
-
-
-FORCEABLE = frozenset({"devices", "backends", "cpu-model", "rom-sizes", "host-memory", "paths"})
 
 
 def _validate_force(names: frozenset[str]) -> None:

@@ -25,8 +25,10 @@ from liveupgrade.modes import Mode, ModeInputs, choose
 from liveupgrade.source import ACTIVE_MIGRATION, SourceProcess, SourceState
 from liveupgrade.target import TargetInfo
 
-# Checks whose failure means the upgrade cannot work or would lose the guest.
-UNFORCEABLE = {"monitor", "migration-idle", "run-state", "target-arch", "machine-type", "mode"}
+# Checks an operator may override with --force. The others (monitor, migration-idle,
+# run-state, target-arch, machine-type, mode) mean the upgrade cannot work or would
+# lose the guest; known bugs are accepted by their own names (bugs.KNOWN_BUGS).
+FORCEABLE = frozenset({"devices", "backends", "cpu-model", "rom-sizes", "host-memory", "paths"})
 
 # The option ROM QEMU loads for a device when no romfile= is given.
 DEFAULT_ROMFILE = {
@@ -51,7 +53,7 @@ class Check:
 
     @property
     def forceable(self) -> bool:
-        return self.name not in UNFORCEABLE
+        return self.name in FORCEABLE
 
     @property
     def blocks(self) -> bool:
