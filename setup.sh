@@ -13,7 +13,8 @@ mkdir -p "$deps"
 log() { printf 'setup: %s\n' "$*" >&2; }
 
 # --- 1. Debian packages ---------------------------------------------------
-packages=(qemu-system-x86 qemu-utils busybox-static gcc libc6-dev make cpio xz-utils python3-venv)
+packages=(qemu-system-x86 qemu-utils busybox-static gcc libc6-dev make cpio xz-utils python3-venv
+          iproute2 iputils-ping libvirt-daemon libvirt-clients libvirt-dev pkg-config)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

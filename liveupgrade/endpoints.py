@@ -17,6 +17,9 @@ from liveupgrade.cmdline import CommandLine, KeyVals, Option
 CHARDEV_SPEC_OPTIONS = frozenset({"qmp", "qmp-pretty", "monitor", "serial", "parallel",
                                   "virtioconsole", "debugcon"})
 TRUE_WORDS = frozenset({"on", "yes", "true", "y"})
+# The monitor the engine adds to every destination, in a run folder removed after
+# the upgrade: a later upgrade neither uses nor keeps it.
+ENGINE_MONITOR_ID = "liveupgrade-qmp"
 
 
 def kv_flag(kv: KeyVals, key: str, negation: str | None = None) -> bool | None:
@@ -64,10 +67,15 @@ def _spec_path(value: str) -> str | None:
     return head[len("unix:"):] if head.startswith("unix:") else None
 
 
+def control_chardevs(cmd: CommandLine) -> set[str | None]:
+    """Ids of the chardevs that serve QMP (-mon mode=control), not the engine's own."""
+    return {o.prop("chardev") for o in cmd.find("mon")
+            if (o.prop("mode") or "readline") == "control"} - {ENGINE_MONITOR_ID}
+
+
 def held_paths(cmd: CommandLine) -> list[HeldPath]:
     """Every listening unix socket, and the pidfile, in the command line."""
-    qmp_chardevs = {o.prop("chardev") for o in cmd.find("mon")
-                    if (o.prop("mode") or "readline") == "control"}
+    qmp_chardevs = control_chardevs(cmd)
     found: list[HeldPath] = []
     for opt in cmd.options:
         if opt.value is None:
@@ -83,7 +91,7 @@ def held_paths(cmd: CommandLine) -> list[HeldPath]:
             server = opt.prop("server")
             is_server = (server in TRUE_WORDS) if server is not None else (
                 not opt.is_json and bool(kv_flag(opt.keyvals(), "server")))
-            if path and is_server:
+            if path and is_server and opt.prop("id") != ENGINE_MONITOR_ID:
                 ident = opt.prop("id")
                 found.append(HeldPath(opt, original_path(Path(path)), "chardev-server",
                                       is_qmp=ident in qmp_chardevs, chardev_id=ident))

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
+import secrets
 import shlex
 import shutil
 import signal
@@ -30,7 +32,7 @@ import psutil
 from qemu.qmp import QMPClient
 from qemu.qmp.events import EventListener
 
-from liveupgrade import monitor, source, target
+from liveupgrade import context, fdpass, handover, monitor, source, target
 from liveupgrade.bugs import KNOWN_BUGS
 from liveupgrade.cmdline import CommandLine
 from liveupgrade.errors import (
@@ -49,6 +51,7 @@ from liveupgrade.plan import DestinationPlan, Override, build_destination
 from liveupgrade.preflight import (
     FORCEABLE,
     Preflight,
+    check_handover,
     check_host,
     check_mode,
     check_roms,
@@ -86,7 +89,11 @@ class _Run:
     info: target.TargetInfo | None = None
     transfer: Transfer | None = None
     plan: DestinationPlan | None = None
+    rebuild: Callable[[dict[int, int]], DestinationPlan] | None = None
+    context: context.SourceContext | None = None
     rundir: Path | None = None
+    stderr_path: Path | None = None
+    stderr_offset: int = 0
     dst_proc: asyncio.subprocess.Process | None = None
     dst_qmp: QMPClient | None = None
     dst_events: EventListener | None = None
@@ -197,6 +204,9 @@ class PlanReport:
     preflight: Preflight
     transfer: Transfer | None
     destination: DestinationPlan | None
+    context: context.SourceContext | None = None
+    # The same destination with the source fds renumbered as the engine holds them.
+    rebuild: Callable[[dict[int, int]], DestinationPlan] | None = None
 
     @property
     def ok(self) -> bool:
@@ -225,6 +235,8 @@ class PlanReport:
             "relocations": [{"private": str(r.private), "original": str(r.original),
                              "kind": r.kind} for r in self.destination.relocations]
             if self.destination else [],
+            "inherited_fds": self.destination.inherited_fds if self.destination else [],
+            "handed_over": self.destination.handed_over if self.destination else [],
         }
 
     def render(self) -> str:
@@ -242,6 +254,11 @@ class PlanReport:
         if self.destination:
             lines += ["destination command line (the run folder is created at upgrade time):",
                       "  " + shlex.join(self.destination.argv)]
+            if self.destination.inherited_fds:
+                lines.append("fd=N above are the old QEMU's descriptors "
+                             f"{', '.join(map(str, self.destination.inherited_fds))}, "
+                             "duplicated (pidfd_getfd) and passed at start:")
+                lines += [f"  {item}" for item in self.destination.handed_over]
             if self.destination.relocations:
                 lines.append("moved into place after the old QEMU exits:")
                 lines += [f"  {r.private} -> {r.original}" for r in self.destination.relocations]
@@ -295,18 +312,39 @@ async def make_plan(proc: source.SourceProcess, client: QMPClient, binary: Path,
         target_caps=info.capabilities, target_params=info.parameters,
         tcg=state.tcg, forced=forced)
     check_mode(pf, requested, facts)
-    transfer = destination = None
+    transfer = destination = rebuild = None
+    fds, access_problem = await _source_fds(client, proc)
+    ctx = await asyncio.to_thread(context.read_context, proc.pid)
     if pf.mode is not None:
         transfer = transfer_settings(pf.mode, pf.reason, facts, bandwidth_mib=bandwidth,
                                      downtime_limit_ms=downtime_limit)
-        destination = build_destination(
-            proc.argv, target_binary=info.path, machine=state.machine, mode=pf.mode,
-            rundir=rundir or runtime_base() / "upgrade-PLAN", overrides=overrides)
+        rebuild = functools.partial(
+            build_destination, proc.argv, target_binary=info.path, machine=state.machine,
+            mode=pf.mode, rundir=rundir or runtime_base() / "upgrade-PLAN",
+            overrides=overrides, token=secrets.token_hex(4), fds=fds)
+        destination = rebuild()
+        check_handover(pf, proc.cmdline, fds, destination, access_problem)
         check_host(pf, CommandLine.parse(destination.argv), state.ram_bytes)
     for check in pf.checks:
         if check.name in forced and not check.ok:
             check.forced = True
-    return PlanReport(proc, state, info, pf, transfer, destination)
+    return PlanReport(proc, state, info, pf, transfer, destination, ctx,
+                      None if rebuild is None else lambda numbers: rebuild(numbers=numbers))
+
+
+async def _source_fds(client: QMPClient, proc: source.SourceProcess
+                      ) -> tuple[handover.SourceFds, str | None]:
+    """The source's taps and listening sockets, and why they could not be taken (or None)."""
+    info = ""
+    if any(handover.is_tap(o) for o in proc.cmdline.options):
+        info = await monitor.execute(client, "human-monitor-command",
+                                     {"command-line": "info network"}, what="source")
+    try:
+        fds = await asyncio.to_thread(handover.gather, proc.pid, proc.cmdline, str(info))
+    except OSError as e:
+        return handover.SourceFds(), (f"cannot read the descriptors of PID {proc.pid}: "
+                                      f"{e.strerror}; run liveupgrade as root")
+    return fds, await asyncio.to_thread(fdpass.can_take_fds, proc.pid)
 
 
 async def _plan(run: _Run, binary: Path, requested: Mode, overrides: list[Override],
@@ -327,24 +365,41 @@ async def _plan(run: _Run, binary: Path, requested: Mode, overrides: list[Overri
         raise
     run.rundir, run.state, run.info = rundir, report.state, report.target
     run.transfer, run.plan = report.transfer, report.destination
+    run.rebuild, run.context = report.rebuild, report.context
     assert run.transfer is not None
     run.emit("plan", f"mode {run.transfer.mode.value}: {run.transfer.reason}")
 
 
 async def _start_destination(run: _Run) -> None:
-    plan, transfer = run.plan, run.transfer
-    assert plan and transfer and run.rundir
-    for rel in plan.relocations:
-        rel.private.parent.mkdir(mode=0o700, exist_ok=True)
-    log = (run.rundir / "destination.log").open("ab")
+    assert run.plan and run.transfer and run.rundir and run.src and run.rebuild and run.context
+    # The source's taps and listening sockets, duplicated into this process and
+    # passed to the destination under the numbers we hold them by.
+    taken = fdpass.take_fds(run.src.pid, run.plan.inherited_fds)
+    joiner: context.Joiner | None = None
     try:
-        run.dst_proc = await asyncio.create_subprocess_exec(
-            *plan.argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-            env=target.clean_env(), start_new_session=True, umask=0o077)
-    except OSError as e:
-        raise DestinationFailed(f"cannot start {plan.argv[0]}: {e.strerror}") from e
+        plan = run.plan = run.rebuild(taken)
+        transfer = run.transfer
+        for rel in plan.relocations:
+            rel.private.parent.mkdir(mode=0o700, exist_ok=True)
+        _own_by(run.context, [run.rundir, *(rel.private.parent for rel in plan.relocations)])
+        run.stderr_path = plan.log_path or run.rundir / "destination.log"
+        joiner = context.Joiner(run.context)
+        log = os.open(run.stderr_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC,
+                      0o600)
+        run.stderr_offset = os.fstat(log).st_size
+        try:
+            run.dst_proc = await asyncio.create_subprocess_exec(
+                *plan.argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                env=target.clean_env(), start_new_session=True, umask=0o077,
+                pass_fds=list(taken.values()), preexec_fn=joiner.preexec())
+        except (OSError, subprocess.SubprocessError) as e:
+            raise DestinationFailed(f"cannot start {plan.argv[0]}: {e}") from e
+        finally:
+            os.close(log)
     finally:
-        log.close()
+        fdpass.close_all(taken.values())
+        if joiner is not None:
+            joiner.close()
     if transfer.mode is Mode.CPR_TRANSFER:
         assert plan.cpr_path
         await _wait_for_path(run, plan.cpr_path)  # its monitor waits for the cpr channel
@@ -403,11 +458,21 @@ def _qmp(client: QMPClient | None) -> Any:
     return client
 
 
+def _own_by(ctx: context.SourceContext, dirs: list[Path]) -> None:
+    """Private folders the destination creates sockets in belong to the user it runs as."""
+    if ctx.uid != os.geteuid() or ctx.gid != os.getegid():
+        for d in dirs:
+            os.chown(d, ctx.uid, ctx.gid)
+
+
 def _destination_log(run: _Run) -> str:
-    if run.rundir is None:
+    """What the destination wrote to stderr since it started (its reason for failing)."""
+    if run.stderr_path is None:
         return ""
     with contextlib.suppress(OSError):
-        text = (run.rundir / "destination.log").read_text(errors="replace").strip()
+        with run.stderr_path.open("rb") as f:
+            f.seek(run.stderr_offset)
+            text = f.read().decode(errors="replace").strip()
         return text[-800:] or "(no output)"
     return "(no output)"
 
@@ -538,9 +603,11 @@ async def _finish(run: _Run) -> UpgradeResult:
         # ---- point of no return: the guest lives in the destination from here ----
         status = await _qmp(run.dst_qmp).execute("query-status")
     run.migration = await _qmp(run.src_qmp).execute("query-migrate")
+    vnc_fds = _take_vnc(run)
     async with run.phase("retire", "stopping the old QEMU"):
         await _retire_source(run)
-    async with run.phase("relocate", "moving sockets and pidfile into place"):
+    async with run.phase("relocate", "moving sockets, display and pidfile into place"):
+        notes = await _hand_over_vnc(run, vnc_fds)
         moved = _relocate(run)
     m = run.migration
     return UpgradeResult(
@@ -553,20 +620,67 @@ async def _finish(run: _Run) -> UpgradeResult:
         setup_time_ms=m.get("setup-time"),
         ram_transferred_bytes=(m.get("ram") or {}).get("transferred"),
         bytes_transferred=(m.get("ram") or {}).get("total"),
-        phases_ms=dict(run.phases_ms), destination_argv=run.plan.argv, moved_paths=moved)
+        phases_ms=dict(run.phases_ms), destination_argv=run.plan.argv, moved_paths=moved,
+        handed_over=run.plan.handed_over + notes)
 
 
 async def _retire_source(run: _Run) -> None:
+    """Kill the old QEMU: after switchover it owns nothing the guest needs.
+
+    It is killed, not asked to `quit`, because a clean exit undoes what the
+    new QEMU now shares with it: QEMU unlinks the paths of its listening
+    sockets (the same sockets the destination now serves), runs tap
+    downscripts (unplugging the tap from its bridge), and honours
+    discard-data on shared RAM. Its disks were flushed and released when the
+    migration completed.
+    """
     assert run.src and run.src_qmp
-    with contextlib.suppress(Exception):
-        await _qmp(run.src_qmp).execute("quit")
     with contextlib.suppress(Exception):
         await run.src_qmp.disconnect()
     run.src_qmp = None
-    if not await _wait_gone(run.src.pid, SOURCE_EXIT_TIMEOUT):
-        with contextlib.suppress(psutil.Error):
-            psutil.Process(run.src.pid).kill()
-        await _wait_gone(run.src.pid, SOURCE_EXIT_TIMEOUT)
+    with contextlib.suppress(psutil.Error):
+        psutil.Process(run.src.pid).kill()
+    await _wait_gone(run.src.pid, SOURCE_EXIT_TIMEOUT)
+
+
+def _take_vnc(run: _Run) -> dict[int, int]:
+    """Duplicate the source's VNC listening sockets before it is killed."""
+    assert run.plan and run.src
+    vnc = run.plan.vnc
+    if vnc is None or not vnc.source_fds:
+        return {}
+    try:
+        return fdpass.take_fds(run.src.pid, list(vnc.source_fds))
+    except fdpass.FdAccessError:
+        return {}  # fall back to rebinding the address once the source is gone
+
+
+async def _hand_over_vnc(run: _Run, taken: dict[int, int]) -> list[str]:
+    """Point the destination's VNC at the source's listening sockets (or its address).
+
+    Past the point of no return: a failure is reported, never raised, since
+    the guest runs on the destination whatever happens to the display.
+    """
+    vnc = run.plan.vnc if run.plan else None
+    if vnc is None:
+        return []
+    client = _qmp(run.dst_qmp)
+    addresses: list[dict[str, Any]] = []
+    try:
+        for index, fd in enumerate(taken.values()):
+            name = f"liveupgrade-vnc{index}"
+            client.send_fd_scm(fd)
+            await client.execute("getfd", {"fdname": name})
+            addresses.append({"type": "fd", "str": name})
+        how = "took over the source's listening socket(s)" if addresses else "rebound"
+        await client.execute("display-update", {"type": "vnc",
+                                                "addresses": addresses or [vnc.address]})
+        return [f"VNC {vnc.display}: {how}"]
+    except Exception as e:
+        return [f"VNC {vnc.display}: NOT handed over ({e}); the display stays on the "
+                "destination's private socket"]
+    finally:
+        fdpass.close_all(taken.values())
 
 
 async def _wait_gone(pid: int, timeout: float) -> bool:

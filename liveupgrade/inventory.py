@@ -19,6 +19,7 @@ import psutil
 from liveupgrade import monitor, source
 from liveupgrade.cmdline import CommandLine
 from liveupgrade.endpoints import qmp_paths
+from liveupgrade.handover import fd_qmp_paths
 from liveupgrade.memory import layout
 from liveupgrade.versions import QemuVersion
 
@@ -113,7 +114,7 @@ async def describe(proc: psutil.Process) -> VMInfo | None:
     except (psutil.Error, OSError):
         return None
     cmd = CommandLine.parse(argv)
-    qmps = qmp_paths(cmd)
+    qmps = qmp_paths(cmd) or fd_qmp_paths(proc.pid, cmd)
     qmp = str(qmps[0]) if qmps else None
     version = await _version(qmp)
     name_opt, uuid_opt = cmd.first("name"), cmd.first("uuid")

@@ -8,15 +8,23 @@ from __future__ import annotations
 
 import json
 import secrets
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from liveupgrade.cmdline import CommandLine, Option
-from liveupgrade.endpoints import HeldPath, held_paths, private_sibling, relocate
+from liveupgrade.endpoints import ENGINE_MONITOR_ID, held_paths, private_sibling, relocate
 from liveupgrade.errors import Refused, UsageError
+from liveupgrade.handover import (
+    SourceFds,
+    VncHandover,
+    held_elsewhere,
+    rewrite_listeners,
+    rewrite_log,
+    rewrite_taps,
+    rewrite_vnc,
+)
 from liveupgrade.modes import Mode
-
-ENGINE_MONITOR_ID = "liveupgrade-qmp"
 
 # What --set may change: host-side properties only, never guest-visible hardware.
 OVERRIDABLE = {
@@ -66,7 +74,12 @@ class DestinationPlan:
     qmp_path: Path  # the engine's own monitor on the destination
     migrate_path: Path
     cpr_path: Path | None
+    token: str = ""
     relocations: list[Relocation] = field(default_factory=list)
+    inherited_fds: list[int] = field(default_factory=list)  # source fds given at start
+    handed_over: list[str] = field(default_factory=list)  # what runs on source fds
+    vnc: VncHandover | None = None
+    log_path: Path | None = None  # the -D file: the destination's stderr appends to it
 
 
 def _set_machine(cmd: CommandLine, machine: str) -> None:
@@ -113,13 +126,18 @@ def _file_chardevs_append(cmd: CommandLine) -> None:
 
 def build_destination(source_argv: list[str], *, target_binary: Path, machine: str,
                       mode: Mode, rundir: Path, overrides: list[Override] | None = None,
-                      token: str | None = None) -> DestinationPlan:
+                      token: str | None = None, fds: SourceFds | None = None,
+                      numbers: Mapping[int, int] | None = None) -> DestinationPlan:
     """The destination argv: the source's, with the changes an upgrade needs.
 
     - the new binary, and the source's concrete versioned machine type;
     - -S and -incoming defer (plus the cpr channel for cpr-transfer);
-    - every listening socket and the pidfile at a private path beside the
+    - taps and listening sockets on the source's own descriptors (`fds`,
+      numbered in the destination as `numbers` says; see handover.py);
+    - other listening sockets and the pidfile at a private path beside the
       original, moved into place after the source exits;
+    - VNC on a private socket until it takes over the source's after switchover;
+    - no -D (QEMU would truncate it): stderr appends to that file instead;
     - a monitor of the engine's own in `rundir`;
     - no -daemonize: the engine starts the destination in its own session;
     - file chardevs appended to, and the operator's --set overrides.
@@ -131,12 +149,19 @@ def build_destination(source_argv: list[str], *, target_binary: Path, machine: s
         cmd.remove(name)
     _drop_engine_monitor(cmd)
     _set_machine(cmd, machine)
+    facts = fds or SourceFds()
+    numbers = numbers or {}
+    inherited = facts.at_start(cmd)
+    held = held_paths(cmd)
+    handled, handed_over = rewrite_listeners(cmd, facts, numbers)
+    handed_over += rewrite_taps(cmd, facts, numbers)
     relocations = []
-    held: list[HeldPath] = held_paths(cmd)
-    for h in held:
+    for h in held_elsewhere(held, handled):
         private = private_sibling(h.path, token)
         relocate(h, private)
         relocations.append(Relocation(private, h.path, h.kind))
+    vnc = rewrite_vnc(cmd, facts, rundir / "vnc.sock")
+    log_path = rewrite_log(cmd)
     _file_chardevs_append(cmd)
     for ov in overrides or []:
         _apply_override(cmd, ov)
@@ -151,4 +176,5 @@ def build_destination(source_argv: list[str], *, target_binary: Path, machine: s
         cpr_path = rundir / "cpr.sock"
         cmd.add("incoming", json.dumps({"channel-type": "cpr", "addr": {
             "transport": "socket", "type": "unix", "path": str(cpr_path)}}))
-    return DestinationPlan(cmd.argv(), qmp_path, migrate_path, cpr_path, relocations)
+    return DestinationPlan(cmd.argv(), qmp_path, migrate_path, cpr_path, token, relocations,
+                           inherited, handed_over, vnc, log_path)

@@ -20,8 +20,10 @@ from liveupgrade import monitor
 from liveupgrade.bugs import KNOWN_BUGS
 from liveupgrade.cmdline import CommandLine
 from liveupgrade.errors import MonitorError, Refused
+from liveupgrade.handover import SourceFds
 from liveupgrade.memory import layout
 from liveupgrade.modes import Mode, ModeInputs, choose
+from liveupgrade.plan import DestinationPlan
 from liveupgrade.source import ACTIVE_MIGRATION, SourceProcess, SourceState
 from liveupgrade.target import TargetInfo
 
@@ -237,3 +239,26 @@ def check_host(pf: Preflight, cmd: CommandLine, ram_bytes: int) -> None:
            f"{len(paths)} disk image and memory file path(s) are accessible",
            "restore the files, fix their permissions, or --set a drive to another path")
 
+
+
+def check_handover(pf: Preflight, cmd: CommandLine, fds: SourceFds, plan: DestinationPlan,
+                   access_problem: str | None) -> None:
+    """Taps, listening sockets and displays the destination must take over from the source."""
+    problems = []
+    if any(o.prop("type") == "tap" for o in cmd.find("net")):
+        problems.append("a legacy '-net tap' cannot be handed over (its hub has no id)")
+    problems += [f"tap netdev {ident}: {why}" for ident, why in fds.tap_problems.items()]
+    needs_fds = bool(plan.inherited_fds or (plan.vnc and plan.vnc.source_fds))
+    if needs_fds and access_problem:
+        problems.append(access_problem)
+    if cmd.has("spice"):
+        problems.append("SPICE cannot be handed over: QEMU can neither take a SPICE listening "
+                        "socket nor rebind SPICE at runtime, so clients would be refused")
+    done = list(plan.handed_over)
+    if plan.vnc:
+        done.append(f"VNC {plan.vnc.display}: " + (
+            f"source fd(s) {', '.join(map(str, plan.vnc.source_fds))} after switchover"
+            if plan.vnc.source_fds else "rebound after the old QEMU exits"))
+    pf.add("fd-handover", "; ".join(problems) or None,
+           "; ".join(done) if done else "no tap device, listening socket or display to hand over",
+           "use -netdev tap (taps), VNC instead of SPICE, and run liveupgrade as root")

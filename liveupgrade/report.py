@@ -42,6 +42,7 @@ class UpgradeResult:
     phases_ms: dict[str, float] = field(default_factory=dict)
     destination_argv: list[str] = field(default_factory=list)
     moved_paths: list[str] = field(default_factory=list)
+    handed_over: list[str] = field(default_factory=list)  # taps, sockets, display
 
     def to_json(self) -> dict[str, Any]:
         def plain(value: Any) -> Any:
@@ -64,6 +65,7 @@ class UpgradeResult:
             f"RAM sent {_size(self.ram_transferred_bytes)}",
             f"  phases: {phases}",
         ]
+        lines += [f"  handed over: {item}" for item in self.handed_over]
         return "\n".join(lines)
 
 

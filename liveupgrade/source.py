@@ -15,6 +15,7 @@ from liveupgrade import monitor
 from liveupgrade.cmdline import CommandLine, CommandLineError
 from liveupgrade.endpoints import qmp_paths
 from liveupgrade.errors import MonitorError, NotQemu, Refused, SourceNotFound
+from liveupgrade.handover import fd_qmp_paths
 from liveupgrade.versions import QemuVersion
 
 QEMU_EXE = re.compile(r"^(qemu-system-[\w.-]+|qemu-kvm|kvm)$")
@@ -84,7 +85,7 @@ def inspect_process(pid: int) -> SourceProcess:
         cmdline = CommandLine.parse(argv)
     except CommandLineError as e:
         raise NotQemu(f"cannot parse the command line of process {pid}: {e}") from e
-    qmps = qmp_paths(cmdline)
+    qmps = qmp_paths(cmdline) or fd_qmp_paths(pid, cmdline)
     if not qmps:
         raise Refused(f"VM {pid} has no QMP unix socket on its command line",
                       "start it with -qmp unix:PATH,server=on,wait=off (or a -chardev "
@@ -119,7 +120,8 @@ def resolve(source: str | int) -> SourceProcess:
         except (SourceNotFound, NotQemu, Refused):
             continue
         if as_path is not None:
-            if any(as_path == p.resolve() for p in qmp_paths(facts.cmdline)):
+            if any(as_path == p.resolve() for p in qmp_paths(facts.cmdline)
+                   + fd_qmp_paths(proc.pid, facts.cmdline)):
                 matches.append(facts)
         else:
             name_opt = facts.cmdline.first("name")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -15,6 +16,7 @@ from qemu.qmp import QMPClient
 
 from liveupgrade import engine, inventory
 from liveupgrade.errors import Refused, UsageError
+from liveupgrade.fdpass import close_all, take_fds
 from liveupgrade.rig import FixturePaths, MemoryBacking
 from liveupgrade.target import clean_env
 from tests.conftest import VMFactory
@@ -74,8 +76,16 @@ async def test_plan_passes_and_its_command_line_accepts_the_migration(
     engine_qmp = Path(next(a.split("path=")[1].split(",")[0] for a in argv
                            if a.startswith("socket,id=liveupgrade-qmp")))
     engine_qmp.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    # The VM's QMP socket is handed over: fd=N names the source's descriptor,
+    # which an operator duplicates and passes, as the engine does.
+    assert doc["inherited_fds"] and any("-qmp" in h for h in doc["handed_over"])
+    taken = take_fds(vm.pid, doc["inherited_fds"])
+    argv = [re.sub(r"\bfd=(\d+)\b", lambda m: f"fd={taken[int(m.group(1))]}", a)
+            for a in argv]
     dest = subprocess.Popen(argv, env=clean_env(), stdin=subprocess.DEVNULL,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            pass_fds=list(taken.values()))
+    close_all(taken.values())
     try:
         while not engine_qmp.exists():
             await asyncio.sleep(0.01)

@@ -12,10 +12,11 @@ stage=$(mktemp -d)
 trap 'rm -rf "$stage"' EXIT
 mkdir -p "$stage/bin" "$stage/lib/modules"
 gcc -static -O2 -Wall -Wextra -Werror -o "$stage/workload" "$here/workload.c"
+gcc -static -O2 -Wall -Wextra -Werror -o "$stage/netsvc" "$here/netsvc.c"
 cp /bin/busybox "$stage/bin/busybox"
 install -m 0755 "$here/init" "$stage/init"
 # In dependency order; /init loads them as listed.
-modules="virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci virtio_console virtio_blk"
+modules="virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci virtio_console virtio_blk failover net_failover virtio_net"
 for m in $modules; do
     echo "$m" >> "$stage/lib/modules/order"
 done

@@ -1,0 +1,125 @@
+"""Duplicate a file descriptor out of another process (pidfd_getfd, Linux >= 5.6).
+
+The new QEMU must use the very same tap device queue and listening sockets
+the old one holds: a tap attaches to one descriptor, and a listening socket
+re-created at the same address leaves a gap in which clients are refused.
+pidfd_getfd gives the engine a duplicate of the source's descriptor, which it
+then passes to the destination at start (pass_fds) or over QMP (SCM_RIGHTS).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import os
+import re
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+from liveupgrade.errors import Refused
+
+SYS_PIDFD_GETFD = 438  # same number on every architecture since Linux 5.6
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+class FdAccessError(Refused):
+    """The source's descriptors cannot be taken (permission, old kernel, gone)."""
+
+
+def _pidfd_getfd(pidfd: int, fd: int) -> int:
+    result = _libc.syscall(SYS_PIDFD_GETFD, pidfd, fd, 0)
+    if result < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    return int(result)
+
+
+def take_fds(pid: int, fds: list[int]) -> dict[int, int]:
+    """Duplicate each of the process's fds into ours: {their fd: our fd}.
+
+    Our copies are close-on-exec (the kernel sets it); pass_fds clears that
+    for the child that should inherit them. On failure nothing stays open.
+    """
+    taken: dict[int, int] = {}
+    try:
+        pidfd = os.pidfd_open(pid)
+    except OSError as e:
+        raise FdAccessError(f"cannot open a pidfd for PID {pid}: {e.strerror}",
+                            _access_fix(e.errno)) from e
+    try:
+        for fd in fds:
+            try:
+                taken[fd] = _pidfd_getfd(pidfd, fd)
+            except OSError as e:
+                raise FdAccessError(f"cannot take fd {fd} from PID {pid} (pidfd_getfd): "
+                                    f"{e.strerror}", _access_fix(e.errno)) from e
+    except BaseException:
+        close_all(taken.values())
+        raise
+    finally:
+        os.close(pidfd)
+    return taken
+
+
+def _access_fix(err: int | None) -> str:
+    if err in (errno.EPERM, errno.EACCES):
+        return ("run liveupgrade as root (pidfd_getfd needs ptrace rights over the QEMU "
+                "process; check kernel.yama.ptrace_scope and any LSM confinement)")
+    if err == errno.ENOSYS:
+        return "the kernel lacks pidfd_getfd (Linux >= 5.6 is needed)"
+    return "check that the QEMU process is still running"
+
+
+def close_all(fds: object) -> None:
+    for fd in list(fds):  # type: ignore[call-overload]
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+def can_take_fds(pid: int) -> str | None:
+    """None if this process may duplicate pid's descriptors, else the reason."""
+    try:
+        taken = take_fds(pid, [0])
+    except FdAccessError as e:
+        return f"{e} (fix: {e.fix})"
+    close_all(taken.values())
+    return None
+
+
+@dataclass(frozen=True)
+class FdFacts:
+    """What /proc tells about one open descriptor of a process."""
+
+    fd: int
+    target: str  # readlink of /proc/PID/fd/N: "/dev/net/tun", "socket:[123]", ...
+    tun_ifname: str | None  # the tap/tun interface a /dev/net/tun fd is attached to
+
+
+_IFF = re.compile(r"^iff:\s*(\S+)", re.MULTILINE)
+
+
+def open_fds(pid: int) -> list[FdFacts]:
+    """Every descriptor of the process, with the tap interface of /dev/net/tun fds."""
+    found = []
+    base = Path(f"/proc/{pid}")
+    for entry in (base / "fd").iterdir():
+        with contextlib.suppress(OSError):
+            fd = int(entry.name)
+            target = os.readlink(entry)
+            ifname = None
+            if target == "/dev/net/tun":
+                match = _IFF.search((base / "fdinfo" / entry.name).read_text())
+                ifname = match.group(1) if match else None
+            found.append(FdFacts(fd, target, ifname))
+    return sorted(found, key=lambda f: f.fd)
+
+
+def socket_inode(pid: int, fd: int) -> int | None:
+    """The inode of a socket fd (matches /proc/net/unix and psutil), or None."""
+    with contextlib.suppress(OSError):
+        st = os.stat(f"/proc/{pid}/fd/{fd}")
+        if stat.S_ISSOCK(st.st_mode):
+            return st.st_ino
+    return None
