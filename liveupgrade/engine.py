@@ -94,6 +94,7 @@ class _Run:
     rundir: Path | None = None
     stderr_path: Path | None = None
     stderr_offset: int = 0
+    tap_guard: asyncio.Task[None] | None = None
     dst_proc: asyncio.subprocess.Process | None = None
     dst_qmp: QMPClient | None = None
     dst_events: EventListener | None = None
@@ -154,6 +155,7 @@ async def upgrade(
                     await _start_destination(run)
                 async with run.phase("transfer", f"transferring state ({run.transfer.mode.value})"):  # type: ignore[union-attr]
                     await _transfer(run)
+                await _release_taps(run)
         except TimeoutError:
             await _rollback(run)
             raise TransferFailed(f"the upgrade did not reach switchover within {timeout:.0f} s; "
@@ -164,6 +166,7 @@ async def upgrade(
             raise
         return await _past_the_point_of_no_return(_finish(run))
     finally:
+        await _release_taps(run)
         for client in (run.src_qmp, run.dst_qmp):
             if client is not None:
                 with contextlib.suppress(Exception):
@@ -387,6 +390,9 @@ async def _start_destination(run: _Run) -> None:
         log = os.open(run.stderr_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC,
                       0o600)
         run.stderr_offset = os.fstat(log).st_size
+        if plan.tap_fds:
+            guard = fdpass.VnetHeaderGuard([taken[fd] for fd in plan.tap_fds])
+            run.tap_guard = asyncio.ensure_future(_hold(guard))
         try:
             run.dst_proc = await asyncio.create_subprocess_exec(
                 *plan.argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
@@ -456,6 +462,22 @@ def _qmp(client: QMPClient | None) -> Any:
     """A client whose replies are typed Any: QMP replies are JSON of the command's shape."""
     assert client is not None
     return client
+
+
+async def _hold(guard: fdpass.VnetHeaderGuard) -> None:
+    try:
+        await guard.hold()
+    finally:
+        guard.close()
+
+
+async def _release_taps(run: _Run) -> None:
+    """Stop guarding the taps' header size: the destination has loaded the NIC, or is gone."""
+    if run.tap_guard is not None:
+        run.tap_guard.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await run.tap_guard
+        run.tap_guard = None
 
 
 def _own_by(ctx: context.SourceContext, dirs: list[Path]) -> None:
@@ -548,6 +570,7 @@ async def _rollback(run: _Run) -> None:
                         break
                     await asyncio.sleep(0.01)
     await _kill_destination(run)
+    await _release_taps(run)
     if run.src_qmp is not None and run.state is not None:
         with contextlib.suppress(Exception):
             status = await _qmp(run.src_qmp).execute("query-status")

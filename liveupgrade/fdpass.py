@@ -9,9 +9,11 @@ then passes to the destination at start (pass_fds) or over QMP (SCM_RIGHTS).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ctypes
 import errno
+import fcntl
 import os
 import re
 import stat
@@ -123,3 +125,53 @@ def socket_inode(pid: int, fd: int) -> int | None:
         if stat.S_ISSOCK(st.st_mode):
             return st.st_ino
     return None
+
+
+TUNGETVNETHDRSZ = 0x800454D7
+TUNSETVNETHDRSZ = 0x400454D8
+
+
+class VnetHeaderGuard:
+    """Hold a shared tap's virtio-net header size at the source's value.
+
+    The header size is a property of the tap device, not of a descriptor,
+    and a QEMU that initialises a tap netdev resets it (to 10 bytes), while
+    the source still runs its guest with 12 (VIRTIO_F_VERSION_1 or mergeable
+    rx buffers): every frame in both directions would be misparsed until
+    switchover. So from the destination's start until the transfer ends, the
+    engine puts the source's size back the moment it changes. The destination
+    sets the same size itself when it loads the NIC's state.
+    """
+
+    POLL_INTERVAL = 0.0005
+
+    def __init__(self, fds: list[int]):
+        self.fds = [os.dup(fd) for fd in fds]
+        self.sizes = {fd: self._get(fd) for fd in self.fds}
+        self.resets = 0
+
+    @staticmethod
+    def _get(fd: int) -> int:
+        buf = bytearray(4)
+        fcntl.ioctl(fd, TUNGETVNETHDRSZ, buf)
+        return int.from_bytes(buf, "little")
+
+    def enforce(self) -> None:
+        for fd, size in self.sizes.items():
+            with contextlib.suppress(OSError):
+                if self._get(fd) != size:
+                    fcntl.ioctl(fd, TUNSETVNETHDRSZ, size.to_bytes(4, "little"))
+                    self.resets += 1
+
+    async def hold(self) -> None:
+        """Enforce until cancelled."""
+        try:
+            while True:
+                self.enforce()
+                await asyncio.sleep(self.POLL_INTERVAL)
+        finally:
+            self.enforce()
+
+    def close(self) -> None:
+        close_all(self.fds)
+        self.fds = []

@@ -77,6 +77,7 @@ class DestinationPlan:
     token: str = ""
     relocations: list[Relocation] = field(default_factory=list)
     inherited_fds: list[int] = field(default_factory=list)  # source fds given at start
+    tap_fds: list[int] = field(default_factory=list)  # which of them are tap queues
     handed_over: list[str] = field(default_factory=list)  # what runs on source fds
     vnc: VncHandover | None = None
     log_path: Path | None = None  # the -D file: the destination's stderr appends to it
@@ -176,5 +177,6 @@ def build_destination(source_argv: list[str], *, target_binary: Path, machine: s
         cpr_path = rundir / "cpr.sock"
         cmd.add("incoming", json.dumps({"channel-type": "cpr", "addr": {
             "transport": "socket", "type": "unix", "path": str(cpr_path)}}))
+    taps = [fd for queues in facts.taps.values() for fd in queues]
     return DestinationPlan(cmd.argv(), qmp_path, migrate_path, cpr_path, token, relocations,
-                           inherited, handed_over, vnc, log_path)
+                           inherited, taps, handed_over, vnc, log_path)

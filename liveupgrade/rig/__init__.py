@@ -5,6 +5,7 @@ benchmarks use the same guests, started the same way, as the test suite.
 """
 
 from liveupgrade.rig.heartbeat import Heartbeat, HeartbeatLog, HeartbeatServer
+from liveupgrade.rig.netns import TapNetwork
 from liveupgrade.rig.paths import FixturePaths, find_fixtures
 from liveupgrade.rig.vm import FixtureVM, GuestKind, MemoryBacking, VMConfig
 
@@ -16,6 +17,7 @@ __all__ = [
     "HeartbeatLog",
     "HeartbeatServer",
     "MemoryBacking",
+    "TapNetwork",
     "VMConfig",
     "find_fixtures",
 ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import os
 import shutil
 import signal
 import subprocess
@@ -19,6 +20,7 @@ import psutil
 from qemu.qmp import QMPClient
 
 from liveupgrade.rig.heartbeat import HeartbeatServer
+from liveupgrade.rig.netns import TapNetwork
 from liveupgrade.rig.paths import FixturePaths, find_fixtures
 
 
@@ -49,6 +51,14 @@ class VMConfig:
     aux_ram_share: bool = False
     name: str = "lu-fixture"
     extra_args: list[str] = field(default_factory=list)
+    # Operator-style extras: a virtio-net NIC on a tap in `network` (QEMU runs in
+    # that namespace; it opens the tap by name, or gets an fd as libvirt passes it),
+    # the serial console on a unix socket server, a VNC display, a -D log.
+    network: TapNetwork | None = None
+    tap_by_fd: bool = False
+    console_socket: bool = False
+    vnc: bool = False
+    debug_log: bool = False
 
 
 class GuestStartError(RuntimeError):
@@ -72,6 +82,7 @@ class FixtureVM:
         self.heartbeat = HeartbeatServer(self.dir / "hb.sock")
         self.process: asyncio.subprocess.Process | None = None
         self.boot_seconds: float | None = None
+        self.tap_fd: int | None = None
 
     @property
     def ram_file(self) -> Path:
@@ -80,6 +91,16 @@ class FixtureVM:
     @property
     def disk_path(self) -> Path:
         return self.dir / "disk.qcow2"
+
+    @property
+    def console_path(self) -> Path:
+        return self.dir / "console.sock"
+
+    @property
+    def debug_log_path(self) -> Path:
+        return self.dir / "qemu-debug.log"
+
+    VNC_PORT = 5900  # display :0 on 127.0.0.1 inside the VM's own network namespace
 
     @property
     def pid(self) -> int:
@@ -103,17 +124,31 @@ class FixtureVM:
         if c.aux_ram_share:
             machine += ",aux-ram-share=on"
         args += ["-machine", machine, "-chardev", f"socket,id=hb,path={self.heartbeat.path}"]
+        if c.network is not None:
+            tap = (f"tap,id=net0,fd={self.tap_fd}" if c.tap_by_fd else
+                   f"tap,id=net0,ifname={c.network.tap},script=no,downscript=no")
+            args += ["-netdev", tap,
+                     "-device", f"virtio-net-pci,netdev=net0,mac={c.network.guest_mac}"]
+        if c.vnc:
+            args += ["-vnc", "127.0.0.1:0"]
+        if c.debug_log:
+            args += ["-D", str(self.debug_log_path), "-d", "guest_errors"]
         if c.guest is GuestKind.MICRO:
             args += ["-serial", "chardev:hb", "-kernel", str(self.fixtures.microguest),
                      "-append", f"fill={c.fill_mib} rate={c.dirty_rate_mib} hb={c.heartbeat_us}"]
         else:
+            console = (f"socket,id=console,path={self.console_path},server=on,wait=off"
+                       if c.console_socket else
+                       f"file,id=console,path={self.dir / 'console.log'},append=on")
+            net = (f" lg.ip={c.network.guest_ip}/{c.network.prefix}"
+                   if c.network is not None else "")
             args += [
-                "-chardev", f"file,id=console,path={self.dir / 'console.log'},append=on",
+                "-chardev", console,
                 "-serial", "chardev:console",
                 "-kernel", str(self.fixtures.linux_kernel),
                 "-initrd", str(self.fixtures.linux_initrd),
                 "-append", f"console=ttyS0 quiet lg.fill={c.fill_mib} lg.rate={c.dirty_rate_mib} "
-                           f"lg.hb={c.heartbeat_us}",
+                           f"lg.hb={c.heartbeat_us}{net}",
                 "-device", "virtio-serial-pci,id=vser0",
                 "-device", "virtserialport,chardev=hb,name=liveupgrade.hb",
                 "-drive", f"file={self.disk_path},if=none,id=disk0,format=qcow2",
@@ -128,11 +163,19 @@ class FixtureVM:
             subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(self.disk_path), "64M"],
                            check=True)
         log = (self.dir / "qemu.log").open("wb")
+        net = self.config.network
+        if net is not None and self.config.tap_by_fd:
+            self.tap_fd = net.open_tap()
         started = time.monotonic()
-        self.process = await asyncio.create_subprocess_exec(
-            *self.argv(), stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-            start_new_session=True)
-        log.close()
+        try:
+            self.process = await asyncio.create_subprocess_exec(
+                *self.argv(), stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                start_new_session=True, pass_fds=[self.tap_fd] if self.tap_fd else [],
+                preexec_fn=net.preexec() if net is not None else None)
+        finally:
+            log.close()
+            if self.tap_fd is not None:
+                os.close(self.tap_fd)  # QEMU has its own copy now
         timeout = boot_timeout or (15.0 if self.config.guest is GuestKind.MICRO else 90.0)
         beat = asyncio.ensure_future(self.heartbeat.wait_beats(1, timeout))
         exited = asyncio.ensure_future(self.process.wait())
