@@ -14,7 +14,7 @@ log() { printf 'setup: %s\n' "$*" >&2; }
 
 # --- 1. Debian packages ---------------------------------------------------
 packages=(qemu-system-x86 qemu-utils busybox-static gcc libc6-dev make cpio xz-utils python3-venv
-          iproute2 iputils-ping libvirt-daemon libvirt-clients libvirt-dev pkg-config)
+          iproute2 iputils-ping libvirt-daemon-system libvirt-clients libvirt-dev pkg-config)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
@@ -116,7 +116,7 @@ fi
 stamp=$root/.venv/.liveupgrade-installed
 if [ ! -f "$stamp" ] || [ "$root/pyproject.toml" -nt "$stamp" ]; then
     "$root/.venv/bin/pip" install -q --upgrade pip
-    "$root/.venv/bin/pip" install -q -e "$root[test,bench]"
+    "$root/.venv/bin/pip" install -q -e "$root[test,bench,libvirt]"
     touch "$stamp"
 fi
 log "ready: QEMU 7.2 $(/usr/bin/qemu-system-x86_64 --version | head -n 1 | awk '{print $4}'), QEMU $(cat "$qemu10/version")"

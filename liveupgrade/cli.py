@@ -123,6 +123,10 @@ def _add_transfer_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="append", default=[], metavar="NAME",
                    help="override a named non-safety check or accept a known QEMU bug "
                         f"(repeatable): {', '.join(sorted(FORCEABLE | set(KNOWN_BUGS)))}")
+    p.add_argument("--libvirt-adopt", action="store_true",
+                   help="for a libvirt-managed VM: stop the libvirt daemon during the upgrade "
+                        "and restart it on the new QEMU (relies on libvirt internals; tested "
+                        "with libvirt 9.0; see docs/libvirt.md)")
     p.add_argument("--json", action="store_true",
                    help="print exactly one JSON document on stdout, no progress")
 
@@ -206,14 +210,16 @@ async def _run(args: argparse.Namespace, display: ProgressDisplay) -> tuple[Any,
     if args.command in ("upgrade", "plan"):
         options = {"mode": args.mode, "bandwidth": args.bandwidth,
                    "downtime_limit": args.downtime_limit, "overrides": args.overrides,
-                   "force": args.force}
+                   "force": args.force, "libvirt_adopt": args.libvirt_adopt}
     if args.command == "list":
         vms = await inventory.list_vms()
         if not args.json:
-            _table("QEMU processes", ["PID", "name", "version", "stale", "QMP", "RAM", "modes"],
+            _table("QEMU processes", ["PID", "name", "version", "stale", "QMP / manager", "RAM",
+                                      "modes"],
                    [[str(v.pid), v.name or "-", v.version or "?",
                      "yes: " + "; ".join(v.stale_reasons) if v.stale else "no",
-                     v.qmp or "-", v.memory, ", ".join(v.modes) or "none"] for v in vms])
+                     v.managed_by or v.qmp or "-", v.memory, ", ".join(v.modes) or "none"]
+                    for v in vms])
         return [v.to_json() for v in vms], "", True
     if args.command == "plan":
         if not args.target:

@@ -33,19 +33,19 @@ class SourceContext:
     uid: int = 0
     gid: int = 0
     groups: list[int] = field(default_factory=list)
-    cgroup: str | None = None  # cgroup v2 path, if it differs from ours
+    cgroups: list[str] = field(default_factory=list)  # cgroup.procs files to join
 
     @property
     def differs(self) -> bool:
-        return bool(self.namespaces or self.cgroup or self.uid != os.geteuid()
+        return bool(self.namespaces or self.cgroups or self.uid != os.geteuid()
                     or self.gid != os.getegid())
 
     def describe(self) -> str:
         parts = [f"uid {self.uid} gid {self.gid}"]
         if self.namespaces:
             parts.append("namespaces " + ", ".join(self.namespaces))
-        if self.cgroup:
-            parts.append(f"cgroup {self.cgroup}")
+        if self.cgroups:
+            parts.append("cgroups " + ", ".join(self.cgroups))
         return "; ".join(parts)
 
 
@@ -55,12 +55,42 @@ def _ns_id(pid: int | str, name: str) -> str | None:
     return None
 
 
-def _cgroup(pid: int | str) -> str | None:
+def _cgroups(pid: int | str) -> dict[str, str]:
+    """Hierarchy (its controllers, "" for cgroup v2) -> the process's path in it."""
+    found = {}
     with contextlib.suppress(OSError):
         for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
-            if line.startswith("0::"):
-                return line[3:]
-    return None
+            _, controllers, path = line.split(":", 2)
+            found[controllers] = path
+    return found
+
+
+def _cgroup_mounts() -> dict[str, str]:
+    """Hierarchy -> where it is mounted, for v1 (one per controller set) and v2."""
+    mounts: dict[str, str] = {}
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/mounts").read_text().splitlines():
+            _, where, fstype, options = line.split()[:4]
+            if fstype == "cgroup2":
+                mounts.setdefault("", where)
+            elif fstype == "cgroup":
+                known = {"rw", "ro", "relatime", "nosuid", "nodev", "noexec", "clone_children"}
+                wanted = [o for o in options.split(",") if o not in known
+                          and not o.startswith(("release_agent=", "xattr"))]
+                mounts[",".join(sorted(wanted))] = where
+    return mounts
+
+
+def _cgroup_moves(pid: int) -> list[str]:
+    """The cgroup.procs files that put a process where `pid` is (where we are not)."""
+    theirs, ours, mounts = _cgroups(pid), _cgroups("self"), _cgroup_mounts()
+    moves = []
+    for hierarchy, path in theirs.items():
+        where = mounts.get(",".join(sorted(hierarchy.split(","))) if hierarchy else "")
+        procs = Path(f"{where}{path}/cgroup.procs")
+        if where and ours.get(hierarchy) != path and procs.exists():
+            moves.append(str(procs))
+    return moves
 
 
 def read_context(pid: int) -> SourceContext:
@@ -72,12 +102,11 @@ def read_context(pid: int) -> SourceContext:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
             if line.startswith("Groups:"):
                 groups = [int(g) for g in line.split()[1:]]
-    theirs, ours = _cgroup(pid), _cgroup("self")
     return SourceContext(
         pid=pid,
         namespaces=[n for n in NAMESPACES if _ns_id(pid, n) != _ns_id("self", n)],
         uid=uids.effective, gid=gids.effective, groups=groups,
-        cgroup=theirs if theirs != ours else None)
+        cgroups=_cgroup_moves(pid))
 
 
 class Joiner:
@@ -89,10 +118,7 @@ class Joiner:
         for name in ctx.namespaces:
             fd = os.open(f"/proc/{ctx.pid}/ns/{name}", os.O_RDONLY | os.O_CLOEXEC)
             self.ns_fds.append((fd, NAMESPACES[name]))
-        self.cgroup_procs: int | None = None
-        if ctx.cgroup:
-            self.cgroup_procs = os.open(f"/sys/fs/cgroup{ctx.cgroup}/cgroup.procs",
-                                        os.O_WRONLY | os.O_CLOEXEC)
+        self.cgroup_procs = [os.open(procs, os.O_WRONLY | os.O_CLOEXEC) for procs in ctx.cgroups]
 
     def preexec(self) -> Callable[[], None] | None:
         if not self.ctx.differs:
@@ -100,8 +126,8 @@ class Joiner:
         ns_fds, cgroup_procs, ctx = self.ns_fds, self.cgroup_procs, self.ctx
 
         def join() -> None:  # runs in the forked child: no locks, no allocation-heavy work
-            if cgroup_procs is not None:
-                os.write(cgroup_procs, b"0")
+            for procs in cgroup_procs:
+                os.write(procs, b"0")
             for fd, flag in ns_fds:
                 if _libc.setns(fd, flag) != 0:
                     raise OSError(ctypes.get_errno(), f"setns into the source's namespace "
@@ -116,7 +142,7 @@ class Joiner:
         for fd, _ in self.ns_fds:
             with contextlib.suppress(OSError):
                 os.close(fd)
-        if self.cgroup_procs is not None:
+        for fd in self.cgroup_procs:
             with contextlib.suppress(OSError):
-                os.close(self.cgroup_procs)
-        self.ns_fds, self.cgroup_procs = [], None
+                os.close(fd)
+        self.ns_fds, self.cgroup_procs = [], []

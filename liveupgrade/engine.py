@@ -32,7 +32,7 @@ import psutil
 from qemu.qmp import QMPClient
 from qemu.qmp.events import EventListener
 
-from liveupgrade import context, fdpass, handover, monitor, source, target
+from liveupgrade import context, fdpass, handover, libvirt_domain, monitor, source, target
 from liveupgrade.bugs import KNOWN_BUGS
 from liveupgrade.cmdline import CommandLine
 from liveupgrade.errors import (
@@ -68,11 +68,18 @@ SOURCE_EXIT_TIMEOUT = 10.0
 
 
 def runtime_base() -> Path:
-    """Where private run folders go: /run/liveupgrade as root, else XDG_RUNTIME_DIR or /tmp."""
+    """Where private run folders go: /run/liveupgrade as root, else XDG_RUNTIME_DIR or /tmp.
+
+    /run/liveupgrade is 0711: a destination running as the VM's own user
+    (libvirt's libvirt-qemu) may pass through it to its run folder, which is
+    0700 and owned by that user, but cannot list or enter the others.
+    """
     if os.geteuid() == 0 and Path("/run").is_dir():
         base = Path("/run/liveupgrade")
-    else:
-        base = Path(os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir())
+        base.mkdir(mode=0o711, parents=True, exist_ok=True)
+        os.chmod(base, 0o711)
+        return base
+    base = Path(os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir())
     base.mkdir(mode=0o700, parents=True, exist_ok=True)
     return base
 
@@ -84,7 +91,7 @@ class _Run:
     on_event: EventCallback
     phases_ms: dict[str, float] = field(default_factory=dict)
     src: source.SourceProcess | None = None
-    src_qmp: QMPClient | None = None
+    src_qmp: monitor.Monitor | None = None
     state: source.SourceState | None = None
     info: target.TargetInfo | None = None
     transfer: Transfer | None = None
@@ -95,6 +102,8 @@ class _Run:
     stderr_path: Path | None = None
     stderr_offset: int = 0
     tap_guard: asyncio.Task[None] | None = None
+    libvirt: libvirt_domain.LibvirtVM | None = None  # set when libvirt manages the VM
+    daemon: libvirt_domain.Daemon | None = None  # stopped by us, to be started again
     dst_proc: asyncio.subprocess.Process | None = None
     dst_qmp: QMPClient | None = None
     dst_events: EventListener | None = None
@@ -124,6 +133,7 @@ async def upgrade(
     overrides: list[str] | list[Override] | None = None,
     force: list[str] | None = None,
     on_event: EventCallback | None = None,
+    libvirt_adopt: bool = False,
 ) -> UpgradeResult:
     """Move the running VM `source_spec` (PID, QMP socket path, or -name) into `target_binary`.
 
@@ -136,6 +146,8 @@ async def upgrade(
     LiveUpgradeError subclass naming the cause; before switchover that means
     the VM still runs on the source, untouched. Cancelling the task before
     switchover rolls back; from switchover on, the upgrade completes first.
+    `libvirt_adopt` opts in to upgrading a libvirt-managed VM by restarting
+    the libvirt daemon around it (libvirt_domain.py, docs/libvirt.md).
     """
     run = _Run(on_event or (lambda _e: None))
     requested = mode if isinstance(mode, Mode) else parse_mode(mode)
@@ -148,14 +160,16 @@ async def upgrade(
             await _inspect(run, source_spec)
         async with run.phase("plan", "probing the target QEMU and planning"):
             await _plan(run, Path(target_binary), requested, parsed, bandwidth, downtime_limit,
-                        frozenset(force or []))
+                        frozenset(force or []), libvirt_adopt)
         try:
             async with asyncio.timeout(timeout):
+                if run.libvirt is not None:
+                    async with run.phase("libvirt", "stopping the libvirt daemon"):
+                        await _take_from_libvirt(run)
                 async with run.phase("destination", "starting the destination QEMU"):
                     await _start_destination(run)
                 async with run.phase("transfer", f"transferring state ({run.transfer.mode.value})"):  # type: ignore[union-attr]
                     await _transfer(run)
-                await _release_taps(run)
         except TimeoutError:
             await _rollback(run)
             raise TransferFailed(f"the upgrade did not reach switchover within {timeout:.0f} s; "
@@ -194,7 +208,16 @@ async def _past_the_point_of_no_return(finish: Awaitable[UpgradeResult]) -> Upgr
 
 async def _inspect(run: _Run, spec: str | int) -> None:
     run.src = await asyncio.to_thread(source.resolve, spec)
-    run.src_qmp = await source.connect_source(run.src)
+    run.libvirt = libvirt_domain.find(run.src.pid)
+    run.src_qmp = await _connect_source(run.src, run.libvirt)
+
+
+async def _connect_source(proc: source.SourceProcess,
+                          managed: libvirt_domain.LibvirtVM | None) -> monitor.Monitor:
+    """The source's monitor: through libvirt when libvirt owns it, else the QMP socket."""
+    if managed is not None:
+        return await asyncio.to_thread(libvirt_domain.LibvirtMonitor, managed)
+    return await source.connect_source(proc)
 
 
 @dataclass
@@ -273,16 +296,17 @@ class PlanReport:
 async def plan(source_spec: str | int, target_binary: str | Path, *,
                mode: str | Mode = Mode.AUTO, bandwidth: float | None = None,
                downtime_limit: int = 100, overrides: list[str] | None = None,
-               force: list[str] | None = None) -> PlanReport:
+               force: list[str] | None = None, libvirt_adopt: bool = False) -> PlanReport:
     """Everything `upgrade` would check and do, without changing anything."""
     proc = await asyncio.to_thread(source.resolve, source_spec)
-    client = await source.connect_source(proc)
+    client = await _connect_source(proc, libvirt_domain.find(proc.pid))
     try:
         return await make_plan(
             proc, client, Path(target_binary),
             requested=mode if isinstance(mode, Mode) else parse_mode(mode),
             overrides=[Override.parse(o) for o in overrides or []], bandwidth=bandwidth,
-            downtime_limit=downtime_limit, forced=frozenset(force or []))
+            downtime_limit=downtime_limit, forced=frozenset(force or []),
+            libvirt_adopt=libvirt_adopt)
     finally:
         with contextlib.suppress(Exception):
             await client.disconnect()
@@ -296,17 +320,19 @@ def _validate_force(names: frozenset[str]) -> None:
                          f"names that can be forced: {', '.join(sorted(valid))}")
 
 
-async def make_plan(proc: source.SourceProcess, client: QMPClient, binary: Path, *,
+async def make_plan(proc: source.SourceProcess, client: monitor.Monitor, binary: Path, *,
                     requested: Mode = Mode.AUTO, overrides: list[Override] | None = None,
                     bandwidth: float | None = None, downtime_limit: int = 100,
-                    forced: frozenset[str] = frozenset(), rundir: Path | None = None
-                    ) -> PlanReport:
+                    forced: frozenset[str] = frozenset(), rundir: Path | None = None,
+                    libvirt_adopt: bool = False) -> PlanReport:
     """Run every preflight check and plan the destination; changes nothing."""
     _validate_force(forced)
     state = await source.query_state(client, proc.pid)
     info = await target.probe(binary)
     pf = Preflight()
     check_source(pf, state)
+    if isinstance(client, libvirt_domain.LibvirtMonitor):
+        libvirt_domain.check(pf, client, libvirt_adopt)
     check_target(pf, proc, state, state.arch, info)
     await check_roms(pf, client, proc, info)
     facts = ModeInputs(
@@ -324,7 +350,8 @@ async def make_plan(proc: source.SourceProcess, client: QMPClient, binary: Path,
         rebuild = functools.partial(
             build_destination, proc.argv, target_binary=info.path, machine=state.machine,
             mode=pf.mode, rundir=rundir or runtime_base() / "upgrade-PLAN",
-            overrides=overrides, token=secrets.token_hex(4), fds=fds)
+            overrides=overrides, token=secrets.token_hex(4), fds=fds,
+            target_version=info.version)
         destination = rebuild()
         check_handover(pf, proc.cmdline, fds, destination, access_problem)
         check_host(pf, CommandLine.parse(destination.argv), state.ram_bytes)
@@ -335,7 +362,7 @@ async def make_plan(proc: source.SourceProcess, client: QMPClient, binary: Path,
                       None if rebuild is None else lambda numbers: rebuild(numbers=numbers))
 
 
-async def _source_fds(client: QMPClient, proc: source.SourceProcess
+async def _source_fds(client: monitor.Monitor, proc: source.SourceProcess
                       ) -> tuple[handover.SourceFds, str | None]:
     """The source's taps and listening sockets, and why they could not be taken (or None)."""
     info = ""
@@ -351,13 +378,15 @@ async def _source_fds(client: QMPClient, proc: source.SourceProcess
 
 
 async def _plan(run: _Run, binary: Path, requested: Mode, overrides: list[Override],
-                bandwidth: float | None, downtime_limit: int, forced: frozenset[str]) -> None:
+                bandwidth: float | None, downtime_limit: int, forced: frozenset[str],
+                libvirt_adopt: bool) -> None:
     assert run.src and run.src_qmp
     rundir = Path(tempfile.mkdtemp(prefix="upgrade-", dir=runtime_base()))
     try:
         report = await make_plan(run.src, run.src_qmp, binary, requested=requested,
                                  overrides=overrides, bandwidth=bandwidth,
-                                 downtime_limit=downtime_limit, forced=forced, rundir=rundir)
+                                 downtime_limit=downtime_limit, forced=forced, rundir=rundir,
+                                 libvirt_adopt=libvirt_adopt)
         if not report.ok:
             first = report.preflight.failures[0] if report.preflight.failures else None
             if first is not None and first.name == "target-arch":
@@ -373,6 +402,56 @@ async def _plan(run: _Run, binary: Path, requested: Mode, overrides: list[Overri
     run.emit("plan", f"mode {run.transfer.mode.value}: {run.transfer.reason}")
 
 
+async def _take_from_libvirt(run: _Run) -> None:
+    """Stop the libvirt daemon and talk to the source's monitor ourselves.
+
+    With the daemon down nobody can start a second copy of the VM, and no
+    daemon sees the old QEMU exit after switchover (it would clean up under
+    the guest). The monitor is taken before the destination starts, because
+    the destination will serve the same listening socket.
+    """
+    assert run.src and run.src_qmp
+    daemon = libvirt_domain.Daemon.find()
+    if daemon is None:
+        raise libvirt_domain.LibvirtError("the libvirt daemon disappeared during the upgrade")
+    await run.src_qmp.disconnect()
+    run.src_qmp = None
+    run.daemon = daemon
+    await daemon.stop()
+    run.src_qmp = await monitor.connect_new(run.src.qmp_path, f"source-{run.src.pid}")
+
+
+async def _give_back_to_libvirt(run: _Run) -> None:
+    """Rollback: start the daemon again on the untouched status; it finds the source."""
+    if run.daemon is None or run.libvirt is None or run.src is None:
+        return
+    if run.src_qmp is not None:
+        with contextlib.suppress(Exception):
+            await run.src_qmp.disconnect()
+        run.src_qmp = None
+    daemon, run.daemon = run.daemon, None
+    await daemon.start()
+    running = run.state.running if run.state else True
+    await (await libvirt_domain.wait_running_on(run.libvirt, run.src.pid, running)).disconnect()
+
+
+async def _adopt(run: _Run) -> list[str]:
+    """After switchover: point libvirt's status at the new QEMU and start the daemon."""
+    assert run.libvirt and run.daemon and run.dst_proc and run.info and run.state
+    libvirt_domain.point_status_at(run.libvirt, run.dst_proc.pid, str(run.info.path))
+    daemon, run.daemon = run.daemon, None
+    await daemon.start()
+    mon = await libvirt_domain.wait_running_on(run.libvirt, run.dst_proc.pid, run.state.running)
+    try:
+        version = await monitor.execute(mon, "query-version", what="the new QEMU via libvirt")
+    finally:
+        await mon.disconnect()
+    q = version["qemu"]
+    return [f"libvirt: {run.libvirt.describe()} adopted by {daemon.name}: running on PID "
+            f"{run.dst_proc.pid}, QEMU {q['major']}.{q['minor']}.{q['micro']} answers "
+            "through libvirt"]
+
+
 async def _start_destination(run: _Run) -> None:
     assert run.plan and run.transfer and run.rundir and run.src and run.rebuild and run.context
     # The source's taps and listening sockets, duplicated into this process and
@@ -385,18 +464,16 @@ async def _start_destination(run: _Run) -> None:
         for rel in plan.relocations:
             rel.private.parent.mkdir(mode=0o700, exist_ok=True)
         _own_by(run.context, [run.rundir, *(rel.private.parent for rel in plan.relocations)])
-        run.stderr_path = plan.log_path or run.rundir / "destination.log"
         joiner = context.Joiner(run.context)
-        log = os.open(run.stderr_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC,
-                      0o600)
-        run.stderr_offset = os.fstat(log).st_size
+        log = _destination_stderr(run)
         if plan.tap_fds:
             guard = fdpass.VnetHeaderGuard([taken[fd] for fd in plan.tap_fds])
             run.tap_guard = asyncio.ensure_future(_hold(guard))
         try:
             run.dst_proc = await asyncio.create_subprocess_exec(
                 *plan.argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                env=target.clean_env(), start_new_session=True, umask=0o077,
+                env=target.clean_env(run.src.environ if run.libvirt else None),
+                start_new_session=True, umask=0o077,
                 pass_fds=list(taken.values()), preexec_fn=joiner.preexec())
         except (OSError, subprocess.SubprocessError) as e:
             raise DestinationFailed(f"cannot start {plan.argv[0]}: {e}") from e
@@ -409,8 +486,10 @@ async def _start_destination(run: _Run) -> None:
     if transfer.mode is Mode.CPR_TRANSFER:
         assert plan.cpr_path
         await _wait_for_path(run, plan.cpr_path)  # its monitor waits for the cpr channel
+        await _release_taps(run)  # it opens its netdevs only after the source has stopped
         return
     await _connect_destination(run)
+    await _release_taps(run)  # its netdevs are set up: only loading the NIC touches them now
     await monitor.execute(run.dst_qmp, "migrate-incoming",  # type: ignore[arg-type]
                           {"uri": f"unix:{plan.migrate_path}"}, what="destination")
 
@@ -449,7 +528,7 @@ async def _connect_destination(run: _Run) -> None:
                          "destination")
 
 
-async def _set_migration(client: QMPClient, caps: dict[str, bool], params: dict[str, Any],
+async def _set_migration(client: monitor.Monitor, caps: dict[str, bool], params: dict[str, Any],
                          side: str) -> None:
     if caps:
         await monitor.execute(client, "migrate-set-capabilities", {"capabilities": [
@@ -458,7 +537,7 @@ async def _set_migration(client: QMPClient, caps: dict[str, bool], params: dict[
         await monitor.execute(client, "migrate-set-parameters", params, what=side)
 
 
-def _qmp(client: QMPClient | None) -> Any:
+def _qmp(client: monitor.Monitor | QMPClient | None) -> Any:
     """A client whose replies are typed Any: QMP replies are JSON of the command's shape."""
     assert client is not None
     return client
@@ -472,12 +551,37 @@ async def _hold(guard: fdpass.VnetHeaderGuard) -> None:
 
 
 async def _release_taps(run: _Run) -> None:
-    """Stop guarding the taps' header size: the destination has loaded the NIC, or is gone."""
+    """Stop guarding the taps' header size (after a last check).
+
+    Once the destination's monitor answers, its netdevs are initialised; it
+    changes the size again only when it loads the NIC's state, to the value
+    the source uses. Polling longer would only take CPU from the two QEMUs.
+    """
     if run.tap_guard is not None:
         run.tap_guard.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await run.tap_guard
         run.tap_guard = None
+
+
+def _destination_stderr(run: _Run) -> int:
+    """Where the destination's stdout/stderr go, and where _destination_log reads them.
+
+    A libvirt VM's QEMU writes to virtlogd through a pipe: the destination
+    gets the same pipe (the domain's log goes on), read back from the log
+    file virtlogd writes. With -D, the -D file (appended). Else a run-folder log.
+    """
+    assert run.plan and run.rundir and run.src
+    if run.libvirt is not None:
+        with contextlib.suppress(fdpass.FdAccessError, OSError):
+            (fd,) = fdpass.take_fds(run.src.pid, [2]).values()
+            run.stderr_path = run.libvirt.log_path
+            run.stderr_offset = run.stderr_path.stat().st_size
+            return fd
+    run.stderr_path = run.plan.log_path or run.rundir / "destination.log"
+    fd = os.open(run.stderr_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+    run.stderr_offset = os.fstat(fd).st_size
+    return fd
 
 
 def _own_by(ctx: context.SourceContext, dirs: list[Path]) -> None:
@@ -571,6 +675,13 @@ async def _rollback(run: _Run) -> None:
                     await asyncio.sleep(0.01)
     await _kill_destination(run)
     await _release_taps(run)
+    await _restore_source_settings(run)
+    _remove_private_paths(run)
+    await _give_back_to_libvirt(run)
+
+
+async def _restore_source_settings(run: _Run) -> None:
+    """The source runs as before the upgrade: resumed, capabilities and parameters back."""
     if run.src_qmp is not None and run.state is not None:
         with contextlib.suppress(Exception):
             status = await _qmp(run.src_qmp).execute("query-status")
@@ -587,7 +698,6 @@ async def _rollback(run: _Run) -> None:
             restore = {k: before[k] for k in run.transfer.source_params if k in before}
             with contextlib.suppress(Exception):
                 await _qmp(run.src_qmp).execute("migrate-set-parameters", restore)
-    _remove_private_paths(run)
 
 
 async def _kill_destination(run: _Run) -> None:
@@ -632,6 +742,9 @@ async def _finish(run: _Run) -> UpgradeResult:
     async with run.phase("relocate", "moving sockets, display and pidfile into place"):
         notes = await _hand_over_vnc(run, vnc_fds)
         moved = _relocate(run)
+    if run.libvirt is not None:
+        async with run.phase("adopt", "handing the new QEMU back to libvirt"):
+            notes += await _adopt(run)
     m = run.migration
     return UpgradeResult(
         name=run.state.name, uuid=run.state.uuid, machine=run.state.machine,

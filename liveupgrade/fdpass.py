@@ -138,9 +138,10 @@ class VnetHeaderGuard:
     and a QEMU that initialises a tap netdev resets it (to 10 bytes), while
     the source still runs its guest with 12 (VIRTIO_F_VERSION_1 or mergeable
     rx buffers): every frame in both directions would be misparsed until
-    switchover. So from the destination's start until the transfer ends, the
-    engine puts the source's size back the moment it changes. The destination
-    sets the same size itself when it loads the NIC's state.
+    switchover. So from the destination's start, the engine puts the
+    source's size back the moment it changes. The destination sets the same
+    size itself when it loads the NIC's state, so the guard runs only until
+    the destination's monitor answers (its netdevs are set up by then).
     """
 
     POLL_INTERVAL = 0.0005

@@ -16,7 +16,7 @@ from typing import Any
 
 import psutil
 
-from liveupgrade import monitor, source
+from liveupgrade import libvirt_domain, monitor, source
 from liveupgrade.cmdline import CommandLine
 from liveupgrade.endpoints import qmp_paths
 from liveupgrade.handover import fd_qmp_paths
@@ -40,6 +40,9 @@ class VMInfo:
     accel: str = "tcg"
     modes: list[str] = field(default_factory=list)
     note: str = ""
+    managed_by: str | None = None  # "libvirt: NAME on URI"
+    libvirt_domain: str | None = None
+    libvirt_uri: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -116,7 +119,8 @@ async def describe(proc: psutil.Process) -> VMInfo | None:
     cmd = CommandLine.parse(argv)
     qmps = qmp_paths(cmd) or fd_qmp_paths(proc.pid, cmd)
     qmp = str(qmps[0]) if qmps else None
-    version = await _version(qmp)
+    managed = libvirt_domain.find(proc.pid)
+    version = await (_libvirt_version(managed) if managed else _version(qmp))
     name_opt, uuid_opt = cmd.first("name"), cmd.first("uuid")
     reasons = stale_reasons(proc.pid)
     accel = _accel(cmd)
@@ -126,7 +130,24 @@ async def describe(proc: psutil.Process) -> VMInfo | None:
         version=str(version) if version else None, stale=bool(reasons), stale_reasons=reasons,
         qmp=qmp, memory=layout(cmd).summary, accel=accel,
         modes=possible_modes(cmd, version, accel),
-        note="" if qmp else "no QMP unix socket on its command line (libvirt: docs/libvirt.md)")
+        note=("managed by libvirt: upgrade with --libvirt-adopt (docs/libvirt.md)" if managed
+              else "" if qmp else "no QMP unix socket on its command line"),
+        managed_by=f"libvirt: {managed.name} on {managed.uri}" if managed else None,
+        libvirt_domain=managed.name if managed else None,
+        libvirt_uri=managed.uri if managed else None)
+
+
+async def _libvirt_version(vm: libvirt_domain.LibvirtVM) -> QemuVersion | None:
+    """libvirt owns the monitor: ask through it (None if libvirt is not reachable)."""
+    with contextlib.suppress(Exception):
+        client = await asyncio.wait_for(asyncio.to_thread(libvirt_domain.LibvirtMonitor, vm),
+                                        QUICK_QMP_TIMEOUT)
+        try:
+            return QemuVersion.from_qmp(await asyncio.wait_for(
+                monitor.execute(client, "query-version"), QUICK_QMP_TIMEOUT))
+        finally:
+            await client.disconnect()
+    return None
 
 
 async def list_vms() -> list[VMInfo]:

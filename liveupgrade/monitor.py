@@ -5,15 +5,25 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from qemu.qmp import ConnectError, ExecuteError, QMPClient
 
 from liveupgrade.errors import MonitorBusy, MonitorError
 
 CONNECT_TIMEOUT = 3.0
+
+
+class Monitor(Protocol):
+    """What the engine needs of a source's monitor: a QMPClient, or a VM manager's
+    pass-through (libvirt's qemuMonitorCommand) when the manager owns the socket."""
+
+    async def execute(self, cmd: str, arguments: Mapping[str, object] | None = None,
+                      oob: bool = False) -> object: ...
+
+    async def disconnect(self) -> None: ...
 
 
 async def connect(path: Path, name: str, timeout: float = CONNECT_TIMEOUT) -> QMPClient:
@@ -80,7 +90,7 @@ async def session(path: Path, name: str, new: bool = False) -> AsyncIterator[QMP
             await client.disconnect()
 
 
-async def execute(client: QMPClient, cmd: str, args: dict[str, Any] | None = None,
+async def execute(client: Monitor, cmd: str, args: dict[str, Any] | None = None,
                   what: str = "") -> Any:
     """Run a QMP command; a QEMU error becomes a MonitorError that quotes it."""
     try:

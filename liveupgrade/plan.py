@@ -25,6 +25,7 @@ from liveupgrade.handover import (
     rewrite_vnc,
 )
 from liveupgrade.modes import Mode
+from liveupgrade.versions import QemuVersion
 
 # What --set may change: host-side properties only, never guest-visible hardware.
 OVERRIDABLE = {
@@ -91,6 +92,28 @@ def _set_machine(cmd: CommandLine, machine: str) -> None:
     cmd.options.insert(0, Option("machine", machine))
 
 
+# Options a newer QEMU removed, and the -machine property that says the same
+# (with the QEMU version that first has that property).
+REMOVED_OPTIONS = {
+    "no-acpi": ("acpi", "off", QemuVersion(2, 12)),  # QEMU 10.0: "-no-acpi: invalid option"
+    "no-hpet": ("hpet", "off", QemuVersion(8, 0)),  # QEMU 10.0: "-no-hpet: invalid option"
+}
+
+
+def _modernize(cmd: CommandLine, target: QemuVersion | None) -> None:
+    """Spell removed flags (libvirt 9.0 still writes -no-acpi) as -machine properties."""
+    if target is None:
+        return
+    for name, (prop, value, since) in REMOVED_OPTIONS.items():
+        if cmd.has(name) and target >= since:
+            cmd.remove(name)
+            machine = cmd.first("machine")
+            if machine is None:
+                cmd.options.insert(0, Option("machine", f"{prop}={value}"))
+            else:
+                machine.set_prop(prop, value)
+
+
 def _drop_engine_monitor(cmd: CommandLine) -> None:
     """Remove the monitor an earlier upgrade gave this VM (it has no path any more)."""
     cmd.options = [o for o in cmd.options
@@ -128,7 +151,8 @@ def _file_chardevs_append(cmd: CommandLine) -> None:
 def build_destination(source_argv: list[str], *, target_binary: Path, machine: str,
                       mode: Mode, rundir: Path, overrides: list[Override] | None = None,
                       token: str | None = None, fds: SourceFds | None = None,
-                      numbers: Mapping[int, int] | None = None) -> DestinationPlan:
+                      numbers: Mapping[int, int] | None = None,
+                      target_version: QemuVersion | None = None) -> DestinationPlan:
     """The destination argv: the source's, with the changes an upgrade needs.
 
     - the new binary, and the source's concrete versioned machine type;
@@ -141,6 +165,7 @@ def build_destination(source_argv: list[str], *, target_binary: Path, machine: s
     - no -D (QEMU would truncate it): stderr appends to that file instead;
     - a monitor of the engine's own in `rundir`;
     - no -daemonize: the engine starts the destination in its own session;
+    - flags the target removed (-no-acpi) as the -machine properties they meant;
     - file chardevs appended to, and the operator's --set overrides.
     """
     token = token or secrets.token_hex(4)
@@ -150,6 +175,7 @@ def build_destination(source_argv: list[str], *, target_binary: Path, machine: s
         cmd.remove(name)
     _drop_engine_monitor(cmd)
     _set_machine(cmd, machine)
+    _modernize(cmd, target_version)
     facts = fds or SourceFds()
     numbers = numbers or {}
     inherited = facts.at_start(cmd)

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import psutil
-from qemu.qmp import QMPClient
 
 from liveupgrade import monitor
 from liveupgrade.bugs import KNOWN_BUGS
@@ -140,7 +139,7 @@ def _pow2ceil(n: int) -> int:
     return 1 << (n - 1).bit_length() if n > 1 else 1
 
 
-async def check_roms(pf: Preflight, client: QMPClient, src: SourceProcess,
+async def check_roms(pf: Preflight, client: monitor.Monitor, src: SourceProcess,
                      info: TargetInfo) -> None:
     """ROM and firmware sizes: a mismatch fails only at the very end of a migration
     ("Length mismatch" / "Size mismatch"), so compare them first."""

@@ -143,7 +143,7 @@ ACTIVE_MIGRATION = frozenset({"setup", "active", "pre-switchover", "device", "ca
                               "postcopy-recover"})
 
 
-async def query_state(client: QMPClient, pid: int) -> SourceState:
+async def query_state(client: monitor.Monitor, pid: int) -> SourceState:
     """Ask the running source what it is (preflight judges whether that can be upgraded)."""
     what = f"source (PID {pid})"
     status = await monitor.execute(client, "query-status", what=what)

@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -97,13 +98,14 @@ def _store(info: TargetInfo) -> None:
         tmp.replace(path)
 
 
-def clean_env() -> dict[str, str]:
-    """The environment for a QEMU we start: ours, minus a module dir meant for another build.
+def clean_env(base: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment for a QEMU we start: ours (or `base`, e.g. the source's),
+    minus a module dir meant for another build.
 
     A wrapper (like setup.sh's for QEMU 10.0) sets QEMU_MODULE_DIR for its own
     build; inherited from elsewhere it makes QEMU abort on module load.
     """
-    env = dict(os.environ)
+    env = dict(os.environ if base is None else base)
     env.pop("QEMU_MODULE_DIR", None)
     return env
 

@@ -88,12 +88,15 @@ class AcceptProbe:
     served: list[float] = field(default_factory=list)
     refused: int = 0
     _task: asyncio.Task[None] | None = None
+    _stopping: bool = False
 
     def start(self) -> None:
         self._task = asyncio.ensure_future(self._run())
 
     async def _run(self) -> None:
-        while True:
+        # A flag as well as cancel(): Python 3.11's wait_for can swallow a
+        # cancellation that races with the read it waits for.
+        while not self._stopping:
             try:
                 reader, writer = await asyncio.open_unix_connection(str(self.path))
                 try:
@@ -107,6 +110,7 @@ class AcceptProbe:
             await asyncio.sleep(self.interval)
 
     async def stop(self) -> None:
+        self._stopping = True
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(BaseException):
@@ -133,6 +137,7 @@ class NetworkObservation:
     longest_tcp_stall_ms: float
     accept_gaps_ms: dict[str, float]  # socket name -> longest time no client was served
     action_result: object = None
+    guest_pause_ms: float = 0.0  # the heartbeat gap that spans the switchover mark
 
     @property
     def pings_lost(self) -> int:
@@ -175,4 +180,4 @@ async def observe_network(vm: FixtureVM, network: TapNetwork,
     return NetworkObservation(
         sent, received, list(stream.faults), stream.longest_stall * 1e3,
         {name: p.longest_gap(origin, done + 0.2) * 1e3 for name, p in probes.items()},
-        result)
+        result, vm.heartbeat.log.max_gap(origin, origin).seconds * 1e3)

@@ -1,0 +1,179 @@
+"""libvirt-managed fixture guests, for testing what liveupgrade does to libvirt VMs.
+
+systemd is not PID 1 on the test machines, so `ensure_daemons` starts
+virtlogd and libvirtd by hand (`-d`) when none runs, as an operator would.
+`LibvirtFixtureVM` defines a persistent domain (so `virsh start` of a second
+copy is a real possibility to guard against) running the microguest on the
+old QEMU, with shared file memory backing; its serial port connects to the
+rig's heartbeat server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import pwd
+import shutil
+import subprocess
+import tempfile
+import time
+import uuid as uuidlib
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from liveupgrade.libvirt_domain import SYSTEM_URI, LibvirtVM, find
+from liveupgrade.rig.heartbeat import HeartbeatServer
+from liveupgrade.rig.paths import FixturePaths, find_fixtures
+
+QEMU_USER = "libvirt-qemu"  # Debian's libvirt runs QEMU as this user by default
+DAEMON_READY_TIMEOUT = 30.0
+
+DOMAIN_XML = """<domain type='qemu'>
+  <name>{name}</name>
+  <uuid>{uuid}</uuid>
+  <memory unit='MiB'>{ram_mib}</memory>
+  <memoryBacking><source type='file'/><access mode='shared'/></memoryBacking>
+  <vcpu>1</vcpu>
+  <features><acpi/></features>
+  <os>
+    <type arch='x86_64' machine='{machine}'>hvm</type>
+    <kernel>{kernel}</kernel>
+    <cmdline>fill={fill} rate=0 hb={heartbeat_us}</cmdline>
+  </os>
+  <devices>
+    <emulator>{emulator}</emulator>
+    <serial type='unix'><source mode='connect' path='{hb}'/></serial>
+    <controller type='usb' model='none'/>
+    <memballoon model='none'/>
+  </devices>
+</domain>
+"""
+
+
+def _libvirt() -> Any:
+    import libvirt
+
+    libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
+    return libvirt
+
+
+def _running(name: str) -> bool:
+    return any(p.info.get("name") == name for p in psutil.process_iter(["name"]))
+
+
+def ensure_daemons() -> list[str]:
+    """Start virtlogd and libvirtd (daemonized) unless running; returns what was started."""
+    started = []
+    if not _running("virtlogd"):
+        subprocess.run(["virtlogd", "-d"], check=True)
+        started.append("virtlogd")
+    if not (_running("libvirtd") or _running("virtqemud")):
+        subprocess.run(["libvirtd", "-d"], check=True)
+        started.append("libvirtd")
+    libvirt = _libvirt()
+    deadline = time.monotonic() + DAEMON_READY_TIMEOUT
+    while True:
+        try:
+            libvirt.open(SYSTEM_URI).close()
+            return started
+        except libvirt.libvirtError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
+class LibvirtFixtureVM:
+    """A persistent libvirt domain running the microguest; undefined at close."""
+
+    def __init__(self, fixtures: FixturePaths | None = None, *, ram_mib: int = 256,
+                 machine: str = "pc-i440fx-7.2", heartbeat_us: int = 2000):
+        self.fixtures = fixtures or find_fixtures()
+        self.name = f"lu-lv-{uuidlib.uuid4().hex[:8]}"
+        self.uuid = str(uuidlib.uuid4())
+        # 0711: libvirt's QEMU user may reach the files it is given, not list the folder.
+        self.dir = Path(tempfile.mkdtemp(prefix="lu-lv-"))
+        os.chmod(self.dir, 0o711)
+        self.heartbeat = HeartbeatServer(self.dir / "hb.sock")
+        self.ram_mib, self.machine, self.heartbeat_us = ram_mib, machine, heartbeat_us
+        self.conn: Any = None
+        self.dom: Any = None
+
+    def xml(self) -> str:
+        kernel = self.dir / "microguest.elf"
+        return DOMAIN_XML.format(
+            name=self.name, uuid=self.uuid, ram_mib=self.ram_mib, machine=self.machine,
+            kernel=kernel, fill=32, heartbeat_us=self.heartbeat_us,
+            emulator=Path(self.fixtures.qemu_old).resolve(), hb=self.heartbeat.path)
+
+    async def start(self) -> None:
+        await self.heartbeat.start()
+        qemu = pwd.getpwnam(QEMU_USER)
+        os.chown(self.heartbeat.path, qemu.pw_uid, qemu.pw_gid)
+        shutil.copy(self.fixtures.microguest, self.dir / "microguest.elf")
+        libvirt = _libvirt()
+        self.conn = libvirt.open(SYSTEM_URI)
+        self.dom = self.conn.defineXML(self.xml())
+        await asyncio.to_thread(self.dom.create)
+        await self.heartbeat.wait_beats(1, 15)
+
+    @property
+    def managed(self) -> LibvirtVM:
+        """libvirt's runtime view of the domain (pid, status file)."""
+        status = Path("/run/libvirt/qemu") / f"{self.name}.xml"
+        text = status.read_text()
+        pid = int(text.split("pid='", 1)[1].split("'", 1)[0])
+        found = find(pid)
+        assert found is not None, f"{status} names PID {pid}, which is not found"
+        return found
+
+    @property
+    def pid(self) -> int:
+        return self.managed.pid
+
+    def reconnect(self) -> None:
+        """A fresh connection and domain handle (after the daemon restarted)."""
+        with contextlib.suppress(Exception):
+            self.conn.close()
+        self.conn = _libvirt().open(SYSTEM_URI)
+        self.dom = self.conn.lookupByName(self.name)
+
+    def processes(self) -> list[psutil.Process]:
+        """Live QEMU processes of this domain (by its UUID on the command line)."""
+        found = []
+        for proc in psutil.process_iter(["cmdline", "status"]):
+            if proc.info.get("status") == psutil.STATUS_ZOMBIE:
+                continue
+            if any(self.uuid in arg for arg in proc.info.get("cmdline") or []):
+                found.append(proc)
+        return found
+
+    async def close(self) -> None:
+        libvirt = _libvirt()
+        with contextlib.suppress(Exception):
+            self.reconnect()
+        with contextlib.suppress(libvirt.libvirtError, AttributeError):
+            if self.dom.isActive():
+                self.dom.destroy()
+        with contextlib.suppress(libvirt.libvirtError, AttributeError):
+            self.dom.undefine()
+        for proc in self.processes():
+            with contextlib.suppress(psutil.Error):
+                proc.kill()
+        with contextlib.suppress(Exception):
+            self.conn.close()
+        await self.heartbeat.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    async def __aenter__(self) -> LibvirtFixtureVM:
+        try:
+            await self.start()
+        except BaseException:
+            await self.close()
+            raise
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()

@@ -1,0 +1,111 @@
+"""Unit tests of the pure handover planning: which option becomes which fd."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from liveupgrade.cmdline import CommandLine
+from liveupgrade.handover import (
+    SourceFds,
+    rewrite_listeners,
+    rewrite_log,
+    rewrite_taps,
+    rewrite_vnc,
+    tap_ifnames,
+    vnc_address,
+)
+from liveupgrade.modes import Mode
+from liveupgrade.plan import build_destination
+from liveupgrade.preflight import Preflight, check_handover
+
+INFO_NETWORK = """virtio-net-pci.0: index=0,type=nic,model=virtio-net-pci,macaddr=52:54:00:12:34:56
+ \\ net0: index=0,type=tap,ifname=tap7,script=no,downscript=no
+virtio-net-pci.1: index=0,type=nic,model=virtio-net-pci,macaddr=52:54:00:12:34:57
+ \\ hostnet1: index=0,type=tap,fd=26
+"""
+
+
+def cmd(*args: str) -> CommandLine:
+    return CommandLine.parse(["/usr/bin/qemu-system-x86_64", *args])
+
+
+def test_info_network_gives_each_tap_netdev_its_interface() -> None:
+    assert tap_ifnames(INFO_NETWORK) == {"net0": "tap7"}
+
+
+def test_an_ifname_tap_becomes_an_fd_tap_without_the_open_only_keys() -> None:
+    c = cmd("-netdev", "tap,id=net0,ifname=tap7,script=/etc/qemu-ifup,downscript=no,vhost=on")
+    done = rewrite_taps(c, SourceFds(taps={"net0": [11]}), {11: 40})
+    assert c.first("netdev").value == "tap,id=net0,vhost=on,fd=40"  # type: ignore[union-attr]
+    assert done == ["tap netdev net0: source fd(s) 11"]
+
+
+def test_multiqueue_and_libvirt_json_taps_keep_their_vhost_fds() -> None:
+    c = cmd("-netdev", "tap,id=mq,ifname=t,queues=2",
+            "-netdev", '{"type":"tap","fd":"26","vhost":true,"vhostfd":"28","id":"hostnet0"}')
+    facts = SourceFds(taps={"mq": [9, 10], "hostnet0": [26]}, vhost={"hostnet0": [28]})
+    rewrite_taps(c, facts, {9: 50, 10: 51, 26: 52, 28: 53})
+    first, second = c.find("netdev")
+    assert first.value == "tap,id=mq,fds=50:51"
+    assert json.loads(second.value or "") == {"type": "tap", "vhost": True, "id": "hostnet0",
+                                              "fd": "52", "vhostfd": "53"}
+
+
+def test_listening_sockets_are_served_from_the_source_fd() -> None:
+    c = cmd("-qmp", "unix:/run/vm/qmp.sock,server=on,wait=off",
+            "-chardev", "socket,id=con,path=/run/vm/con.sock,server,nowait",
+            "-chardev", "socket,id=client,path=/run/vm/other.sock",
+            "-serial", "chardev:con")
+    facts = SourceFds(unix_listeners={"/run/vm/qmp.sock": 3, "/run/vm/con.sock": 8})
+    handled, done = rewrite_listeners(c, facts, {3: 30, 8: 31})
+    assert len(handled) == 2 and len(done) == 2
+    assert c.argv()[1:] == [
+        "-chardev", "socket,id=lu-socket-qmp0,fd=30,server=on,wait=off",
+        "-mon", "chardev=lu-socket-qmp0,mode=control",
+        "-chardev", "socket,id=con,fd=31,server=on,wait=off",
+        "-chardev", "socket,id=client,path=/run/vm/other.sock",  # a client: untouched
+        "-serial", "chardev:con"]
+    assert facts.at_start(cmd("-qmp", "unix:/run/vm/qmp.sock,server=on")) == [3]
+
+
+def test_vnc_starts_privately_and_remembers_its_address() -> None:
+    c = cmd("-vnc", ":1,password=on,to=5")
+    vnc = rewrite_vnc(c, SourceFds(tcp_listeners={5901: [12, 13]}), Path("/run/lu/vnc.sock"))
+    assert c.first("vnc").value == "unix:/run/lu/vnc.sock,password=on"  # type: ignore[union-attr]
+    assert vnc is not None and vnc.source_fds == (12, 13)
+    assert vnc_address("127.0.0.1:3")[:2] == ({"type": "inet", "host": "127.0.0.1",
+                                                 "port": "5903"}, 5903)
+    assert rewrite_vnc(cmd("-vnc", "localhost:0,reverse=on"), SourceFds(), Path("/x")) is None
+
+
+def test_the_debug_log_is_appended_to_through_stderr_not_truncated() -> None:
+    c = cmd("-D", "/var/log/vm.log", "-d", "guest_errors")
+    assert rewrite_log(c) == Path("/var/log/vm.log") and not c.has("D")
+
+
+def test_a_planned_destination_hands_over_sockets_and_relocates_only_the_rest() -> None:
+    argv = ["/usr/bin/qemu-system-x86_64", "-qmp", "unix:/run/vm/qmp.sock,server=on,wait=off",
+            "-pidfile", "/run/vm/pid", "-netdev", "tap,id=n0,ifname=tap0,script=no",
+            "-chardev", "socket,id=ga,path=/run/vm/ga.sock,server=on,wait=off"]
+    facts = SourceFds(taps={"n0": [20]}, unix_listeners={"/run/vm/qmp.sock": 3})
+    plan = build_destination(argv, target_binary=Path("/new/qemu"), machine="pc-q35-7.2",
+                             mode=Mode.SHARED, rundir=Path("/run/lu/x"), token="t",
+                             fds=facts)
+    assert plan.inherited_fds == [3, 20] and plan.tap_fds == [20]
+    assert sorted(str(r.original) for r in plan.relocations) == ["/run/vm/ga.sock", "/run/vm/pid"]
+    assert "tap,id=n0,fd=20" in plan.argv
+
+
+def test_preflight_refuses_what_cannot_be_handed_over() -> None:
+    c = cmd("-net", "tap,ifname=tap0", "-spice", "port=5930")
+    plan = build_destination(c.argv(), target_binary=Path("/q"), machine="pc", mode=Mode.SHARED,
+                             rundir=Path("/r"), fds=SourceFds(taps={"x": [5]}))
+    pf = Preflight()
+    check_handover(pf, c, SourceFds(tap_problems={"n1": "no descriptor"}), plan,
+                   "cannot take fd 0 from PID 1: Operation not permitted")
+    (check,) = pf.checks
+    assert not check.ok and not check.forceable
+    for text in ("legacy '-net tap'", "tap netdev n1: no descriptor", "Operation not permitted",
+                 "SPICE"):
+        assert text in check.detail

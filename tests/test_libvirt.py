@@ -1,0 +1,167 @@
+"""End to end against a real libvirt 9.0 daemon (issue 7).
+
+A persistent domain (shared file memory backing, the microguest on QEMU 7.2)
+is upgraded to 10.0 with --libvirt-adopt; afterwards libvirt must manage the
+new process as its own (state, pid, monitor pass-through, suspend, resume,
+destroy), and at no moment may `virsh start` launch a second copy. A failure
+before switchover must leave libvirt's view and the guest as they were.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from liveupgrade import engine
+from liveupgrade.errors import LiveUpgradeError
+from liveupgrade.rig import FixturePaths
+from liveupgrade.rig.libvirt_vm import LibvirtFixtureVM, ensure_daemons
+from liveupgrade.versions import QemuVersion
+from tests.helpers import assert_guest_intact, is_running
+
+
+@pytest.fixture(scope="session")
+def libvirt_daemons() -> list[str]:
+    """libvirtd and virtlogd, started by hand if none runs (no systemd here)."""
+    return ensure_daemons()
+
+
+@pytest.fixture
+async def lvm(libvirt_daemons: list[str], fixtures: FixturePaths
+              ) -> AsyncIterator[LibvirtFixtureVM]:
+    async with LibvirtFixtureVM(fixtures) as vm:
+        yield vm
+
+
+def qmp_through_libvirt(vm: LibvirtFixtureVM, command: str) -> object:
+    import libvirt_qemu
+
+    return json.loads(libvirt_qemu.qemuMonitorCommand(
+        vm.dom, json.dumps({"execute": command}), 0))["return"]
+
+
+class SecondCopyProbe:
+    """Tries `virsh start` of the domain over and over, on fresh connections."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.attempts = 0
+        self.refusals: set[str] = set()
+        self.started = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        import libvirt
+
+        while not self._stop.is_set():
+            self.attempts += 1
+            try:
+                conn = libvirt.open("qemu:///system")
+                try:
+                    conn.lookupByName(self.name).create()
+                    self.started += 1
+                finally:
+                    conn.close()
+            except libvirt.libvirtError as e:
+                self.refusals.add(e.get_error_message().split(":")[0])
+            self._stop.wait(0.02)
+
+    def __enter__(self) -> SecondCopyProbe:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+
+@pytest.fixture
+def second_copy(lvm: LibvirtFixtureVM) -> Iterator[SecondCopyProbe]:
+    with SecondCopyProbe(lvm.name) as probe:
+        yield probe
+
+
+async def test_list_shows_the_libvirt_domain_and_plan_asks_for_the_opt_in(
+        lvm: LibvirtFixtureVM, fixtures: FixturePaths):
+    from liveupgrade import inventory
+
+    vms = {v.pid: v for v in await inventory.list_vms()}
+    info = vms[lvm.pid]
+    assert info.libvirt_domain == lvm.name and info.libvirt_uri == "qemu:///system"
+    assert info.version and info.version.startswith("7.2")  # asked through libvirt
+    status_before = lvm.managed.status_path.read_bytes()
+    report = await engine.plan(lvm.pid, fixtures.qemu_new)
+    check = next(c for c in report.preflight.checks if c.name == "libvirt")
+    assert not check.ok and "virDomainQemuAttach" in check.detail
+    assert "--libvirt-adopt" in check.fix
+    with pytest.raises(LiveUpgradeError, match="libvirt"):
+        await engine.upgrade(lvm.pid, fixtures.qemu_new)
+    assert lvm.managed.status_path.read_bytes() == status_before
+    assert lvm.dom.isActive() and len(lvm.processes()) == 1
+
+
+async def test_adopt_hands_the_new_qemu_to_libvirt(
+        lvm: LibvirtFixtureVM, fixtures: FixturePaths, second_copy: SecondCopyProbe):
+    old_pid, dom_id = lvm.pid, lvm.dom.ID()
+    result = await engine.upgrade(old_pid, fixtures.qemu_new, libvirt_adopt=True)
+    second_copy.__exit__()
+    assert not is_running(old_pid)
+    assert [p.pid for p in lvm.processes()] == [result.destination_pid]
+    # libvirt's view: the same domain, running, on the new process and binary.
+    lvm.reconnect()
+    import libvirt
+
+    assert lvm.dom.ID() == dom_id and lvm.dom.UUIDString() == lvm.uuid
+    assert lvm.dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING
+    assert lvm.pid == result.destination_pid
+    version = qmp_through_libvirt(lvm, "query-version")
+    assert QemuVersion.from_qmp(version).at_least(10)  # type: ignore[arg-type]
+    assert qmp_through_libvirt(lvm, "query-uuid") == {"UUID": lvm.uuid}
+    # At no moment could a second copy start: the daemon was down or said "active".
+    assert second_copy.attempts > 10 and second_copy.started == 0, second_copy.refusals
+    await assert_guest_intact(lvm)  # type: ignore[arg-type]
+    # libvirt drives the new process: suspend stops the guest, resume restarts it.
+    await asyncio.to_thread(lvm.dom.suspend)
+    assert lvm.dom.state()[0] == libvirt.VIR_DOMAIN_PAUSED
+    await asyncio.sleep(0.3)
+    paused_at = len(lvm.heartbeat.log.beats)
+    await asyncio.sleep(0.5)
+    assert len(lvm.heartbeat.log.beats) == paused_at
+    await asyncio.to_thread(lvm.dom.resume)
+    await lvm.heartbeat.wait_beats(50, 10)
+    with pytest.raises(libvirt.libvirtError, match=r"already (active|running)"):
+        lvm.dom.create()
+    # destroy acts on the new process, and libvirt cleans up after it.
+    ram_dir = Path(f"/var/lib/libvirt/qemu/ram/{dom_id}-{lvm.name}")
+    assert ram_dir.exists()
+    await asyncio.to_thread(lvm.dom.destroy)
+    assert not is_running(result.destination_pid)
+    assert not ram_dir.exists() and lvm.processes() == []
+    assert any("adopted by" in h for h in result.handed_over)
+
+
+async def test_a_failure_before_switchover_leaves_libvirt_and_the_guest_as_before(
+        lvm: LibvirtFixtureVM, fixtures: FixturePaths):
+    """A target whose machine type differs fails to load the state: roll back, daemon back."""
+    wrapper = lvm.dir / "qemu-wrong-machine"  # where libvirt's QEMU user can run it
+    wrapper.write_text(f'#!/bin/sh\nexec {fixtures.qemu_new} "$@" -machine pc-i440fx-7.1\n')
+    wrapper.chmod(0o755)
+    old_pid, dom_id = lvm.pid, lvm.dom.ID()
+    with pytest.raises(LiveUpgradeError, match="Machine type received") as failure:
+        await engine.upgrade(old_pid, wrapper, libvirt_adopt=True)
+    print(f"\nrefused as expected: {failure.value}")
+    lvm.reconnect()
+    import libvirt
+
+    assert lvm.pid == old_pid and lvm.dom.ID() == dom_id
+    assert lvm.dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING
+    assert [p.pid for p in lvm.processes()] == [old_pid]
+    version = qmp_through_libvirt(lvm, "query-version")
+    assert not QemuVersion.from_qmp(version).at_least(10)  # type: ignore[arg-type]
+    await assert_guest_intact(lvm)  # type: ignore[arg-type]
