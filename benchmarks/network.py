@@ -2,9 +2,10 @@
 
 Each run boots a fresh Linux guest (512 MiB, shared file RAM) with a
 virtio-net NIC on a tap in a private network namespace, a console on a unix
-socket and a VNC display, then observes the same 3 s window twice, side by
-side: once with nothing happening (the baseline: this host's noise under
-TCG) and once with an upgrade one second in. Per window: pings lost (100/s),
+socket and a VNC display, then observes the same 3 s window three times, side
+by side: with nothing happening (this host's noise under TCG), with a bare
+QMP stop + cont (the floor: what any pause costs this guest's network), and
+with an upgrade one second in. Per window: pings lost (100/s),
 the longest stall of a TCP counter stream (1 record/ms from the guest),
 the longest time the QMP and console sockets served no client, and for the
 upgrade the time until a new VNC client gets the server's greeting.
@@ -38,6 +39,7 @@ RUN_TIMEOUT = 300.0  # one run takes ~30 s; a hang is reported, not waited out
 def _row(kind: str, seen: NetworkObservation) -> dict[str, Any]:
     return {"kind": kind, "pings_lost": seen.pings_lost, "pings_sent": seen.pings_sent,
             "tcp_faults": len(seen.stream_faults), "tcp_stall_ms": seen.longest_tcp_stall_ms,
+            "pause_ms": seen.guest_pause_ms,
             **{f"{name}_gap_ms": gap for name, gap in seen.accept_gaps_ms.items()}}
 
 
@@ -52,6 +54,14 @@ async def one_run(accel: str) -> list[dict[str, Any]]:
                 await asyncio.sleep(0.1)
 
             baseline = await observe_network(vm, net, idle)
+
+            async def stop_cont(mark: Callable[[], None]) -> None:
+                async with vm.qmp() as client:
+                    mark()
+                    await client.execute("stop")
+                    await client.execute("cont")
+
+            floor = await observe_network(vm, net, stop_cont)
 
             async def upgrade(mark: Callable[[], None]) -> UpgradeResult:
                 def note(event: UpgradeEvent) -> None:
@@ -69,16 +79,17 @@ async def one_run(accel: str) -> list[dict[str, Any]]:
             assert isinstance(result, UpgradeResult)
             row = _row("upgrade", seen) | {
                 "vnc_ok": ok, "vnc_connect_ms": vnc_ms if ok else None,
-                "pause_ms": seen.guest_pause_ms, "qemu_downtime_ms": result.downtime_ms}
-            return [_row("baseline", baseline), row]
+                "qemu_downtime_ms": result.downtime_ms}
+            return [_row("baseline", baseline), _row("stop-cont", floor), row]
 
 
 def markdown(rows: list[dict[str, Any]], facts: dict[str, Any], runs: int) -> str:
-    stats = {kind: summarize([r for r in rows if r["kind"] == kind])
-             for kind in ("baseline", "upgrade")}
+    kinds = ("baseline", "stop-cont", "upgrade")
+    stats = {kind: summarize([r for r in rows if r["kind"] == kind]) for kind in kinds}
     lines = [f"Network across a 7.2 -> 10.0 upgrade: median (min-max) of {runs} runs, "
              f"{facts['accel']}, {facts['cpu']}, {facts['date']}", "",
-             "| measure | no upgrade (baseline) | upgrade |", "|---|---|---|"]
+             "| measure | nothing (noise) | bare stop + cont (floor) | upgrade |",
+             "|---|---|---|---|"]
     for key, label, digits in (
             ("pings_lost", "pings lost of 300 (100/s)", 0),
             ("tcp_faults", "TCP counter faults (reset, loss, duplicate)", 0),
@@ -88,8 +99,8 @@ def markdown(rows: list[dict[str, Any]], facts: dict[str, Any], runs: int) -> st
             ("pause_ms", "guest pause: the heartbeat gap spanning switchover, ms", 1),
             ("qemu_downtime_ms", "QEMU's own downtime, ms", 0),
             ("vnc_connect_ms", "new VNC client greeted after the upgrade returned, ms", 1)):
-        lines.append(f"| {label} | {fmt(stats['baseline'].get(key), digits)} | "
-                     f"{fmt(stats['upgrade'].get(key), digits)} |")
+        lines.append(f"| {label} | " + " | ".join(fmt(stats[k].get(key), digits) for k in kinds)
+                     + " |")
     vnc = [r["vnc_ok"] for r in rows if r["kind"] == "upgrade"]
     lines += ["", f"VNC reconnect after the upgrade: {sum(vnc)}/{len(vnc)} runs."]
     return "\n".join(lines) + "\n"
@@ -103,7 +114,7 @@ async def main_async(args: argparse.Namespace) -> int:
         async with asyncio.timeout(RUN_TIMEOUT):
             got = await one_run(accel)
         rows += got
-        up = got[1]
+        up = got[-1]
         print(f"run {run + 1}/{args.runs}: {up['pings_lost']} pings lost, TCP stall "
               f"{up['tcp_stall_ms']:.0f} ms, QMP gap {up['qmp_gap_ms']:.1f} ms, console gap "
               f"{up['console_gap_ms']:.1f} ms, VNC {'ok' if up['vnc_ok'] else 'FAILED'}",

@@ -102,6 +102,7 @@ class _Run:
     stderr_path: Path | None = None
     stderr_offset: int = 0
     tap_guard: asyncio.Task[None] | None = None
+    source_killed_at: float | None = None
     libvirt: libvirt_domain.LibvirtVM | None = None  # set when libvirt manages the VM
     daemon: libvirt_domain.Daemon | None = None  # stopped by us, to be started again
     dst_proc: asyncio.subprocess.Process | None = None
@@ -776,6 +777,7 @@ async def _retire_source(run: _Run) -> None:
     run.src_qmp = None
     with contextlib.suppress(psutil.Error):
         psutil.Process(run.src.pid).kill()
+    run.source_killed_at = time.monotonic()
     await _wait_gone(run.src.pid, SOURCE_EXIT_TIMEOUT)
 
 
@@ -833,13 +835,21 @@ async def _wait_gone(pid: int, timeout: float) -> bool:
 
 
 def _relocate(run: _Run) -> list[str]:
-    """Put the destination's sockets and pidfile where the source had them."""
+    """Put the sockets that could not be handed over, and the pidfile, where the source had them.
+
+    A socket moved here had no listener at its path from the moment the old
+    QEMU died until the rename: that gap is reported with the path.
+    """
     assert run.plan
     moved, failed = [], []
     for rel in run.plan.relocations:
         try:
             os.replace(rel.private, rel.original)
-            moved.append(str(rel.original))
+            note = ""
+            if rel.kind != "pidfile" and run.source_killed_at is not None:
+                gap_ms = (time.monotonic() - run.source_killed_at) * 1e3
+                note = f" (rebound: no listener for {gap_ms:.1f} ms)"
+            moved.append(f"{rel.original}{note}")
         except OSError as e:
             failed.append(f"{rel.private} -> {rel.original}: {e.strerror}")
         with contextlib.suppress(OSError):

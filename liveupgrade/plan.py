@@ -139,13 +139,33 @@ def _apply_override(cmd: CommandLine, ov: Override) -> None:
                   "use ID.KEY=VALUE with an id from the VM's command line")
 
 
+FILE_SPEC_OPTIONS = ("serial", "parallel", "debugcon", "virtioconsole")
+
+
 def _file_chardevs_append(cmd: CommandLine) -> None:
-    """The destination must append to log files, never truncate the source's output."""
-    for opt in cmd.find("chardev"):
-        if opt.prop("backend") == "file" and not opt.is_json:
-            kv = opt.keyvals()
-            kv.set("append", "on")
-            opt.value = kv.render()
+    """The destination must append to log files, never truncate the source's output.
+
+    QEMU opens a file chardev and a chardev's logfile= with O_TRUNC unless
+    told append=on / logappend=on; the `-serial file:PATH` spelling has no
+    such option, so it becomes a file chardev that has.
+    """
+    out: list[Option] = []
+    for count, opt in enumerate(cmd.options):
+        if opt.name in FILE_SPEC_OPTIONS and opt.value and opt.value.startswith("file:"):
+            ident = f"lu-file-{opt.name}{count}"
+            out.append(Option("chardev", f"file,id={ident},path={opt.value[5:]},append=on"))
+            out.append(Option(opt.name, f"chardev:{ident}"))
+            continue
+        if opt.name == "chardev":
+            wanted = {"append": opt.prop("backend") == "file",
+                      "logappend": opt.prop("logfile") is not None}
+            for key in (k for k, needed in wanted.items() if needed):
+                if opt.is_json:  # JSON wants a boolean
+                    opt.value = json.dumps({**opt.json(), key: True}, separators=(",", ":"))
+                else:
+                    opt.set_prop(key, "on")
+        out.append(opt)
+    cmd.options = out
 
 
 def build_destination(source_argv: list[str], *, target_binary: Path, machine: str,

@@ -10,8 +10,8 @@ accepting clients.
 from __future__ import annotations
 
 import asyncio
+import subprocess
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import pytest
 
@@ -83,14 +83,29 @@ async def test_tcp_ping_consoles_and_vnc_survive_an_upgrade(
 async def test_a_tap_passed_by_fd_is_handed_over_twice(
         fixtures: FixturePaths, make_vm: VMFactory, network: TapNetwork):
     """The libvirt/Proxmox style: QEMU gets `-netdev tap,fd=N` from its manager."""
-    vm = await make_vm(fixtures.qemu_old, network=network, tap_by_fd=True)
+    vm = await make_vm(fixtures.qemu_old, network=network, tap="fd")
     assert tap_fds(vm.pid) == [network.tap]
     first = await engine.upgrade(vm.pid, fixtures.qemu_new)
     assert tap_fds(first.destination_pid) == [network.tap]
     second = await engine.upgrade(first.destination_pid, fixtures.qemu_new)
     assert tap_fds(second.destination_pid) == [network.tap]
     assert qemu_pids(vm) == [second.destination_pid]
-    assert Path(f"/sys/class/net/{network.tap}").exists() is False  # it is in the namespace
+    await assert_guest_intact(vm)
+
+
+async def test_a_tap_qemu_created_outlives_the_old_qemu(
+        fixtures: FixturePaths, make_vm: VMFactory, network: TapNetwork):
+    """`-netdev tap,script=no` without ifname: QEMU creates a non-persistent tap,
+    which exists only while a descriptor holds it."""
+    vm = await make_vm(fixtures.qemu_old, network=network, tap="qemu")
+    (created,) = tap_fds(vm.pid)
+    assert created != network.tap
+    result = await engine.upgrade(vm.pid, fixtures.qemu_new)
+    assert tap_fds(result.destination_pid) == [created]
+    links = subprocess.run(["ip", "-n", network.name, "-o", "link", "show", created],
+                           capture_output=True, text=True)
+    assert links.returncode == 0 and created in links.stdout  # still there, old QEMU gone
+    assert qemu_pids(vm) == [result.destination_pid]
     await assert_guest_intact(vm)
 
 

@@ -137,3 +137,29 @@ def test_transfer_settings() -> None:
     c = transfer_settings(Mode.CPR_TRANSFER, "", facts(MEMFD_RAM, V100, V100),
                           bandwidth_mib=None, downtime_limit_ms=100)
     assert c.source_params["mode"] == "cpr-transfer"
+
+
+def test_logs_are_appended_to_in_every_spelling() -> None:
+    argv = ["/usr/bin/qemu-system-x86_64", "-serial", "file:/var/log/vm-serial.log",
+            "-chardev", "socket,id=mon0,path=/run/vm/m.sock,logfile=/var/log/m.log",
+            "-chardev", '{"backend":"file","id":"f","path":"/var/log/f.log"}']
+    cmd = CommandLine.parse(plan(argv).argv)
+    serial_dev = cmd.first("serial")
+    assert serial_dev is not None and (serial_dev.value or "").startswith("chardev:lu-file-")
+    spelled = cmd.by_id("chardev", (serial_dev.value or "")[len("chardev:"):])
+    assert spelled is not None and spelled.prop("path") == "/var/log/vm-serial.log"
+    assert spelled.prop("append") == "on"
+    assert cmd.by_id("chardev", "mon0").prop("logappend") == "on"  # type: ignore[union-attr]
+    assert cmd.by_id("chardev", "f").json()["append"] is True  # type: ignore[union-attr]
+
+
+def test_flags_a_newer_qemu_removed_become_machine_properties() -> None:
+    argv = ["/usr/bin/qemu-system-x86_64", "-machine", "pc-i440fx-7.2,usb=off", "-no-acpi",
+            "-no-hpet"]
+    for target, expect_hpet in ((QemuVersion(10, 0), True), (QemuVersion(7, 2), False)):
+        p = build_destination(argv, target_binary=Path("/q"), machine="pc-i440fx-7.2",
+                              mode=Mode.SHARED, rundir=Path("/r"), target_version=target)
+        cmd = CommandLine.parse(p.argv)
+        assert not cmd.has("no-acpi") and cmd.machine_prop("acpi") == "off"
+        assert cmd.has("no-hpet") is not expect_hpet
+        assert (cmd.machine_prop("hpet") == "off") is expect_hpet

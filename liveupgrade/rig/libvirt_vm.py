@@ -27,6 +27,7 @@ import psutil
 from liveupgrade.libvirt_domain import SYSTEM_URI, LibvirtVM, find
 from liveupgrade.rig.heartbeat import HeartbeatServer
 from liveupgrade.rig.paths import FixturePaths, find_fixtures
+from liveupgrade.rig.vm import StartStop
 
 QEMU_USER = "libvirt-qemu"  # Debian's libvirt runs QEMU as this user by default
 DAEMON_READY_TIMEOUT = 30.0
@@ -85,7 +86,7 @@ def ensure_daemons() -> list[str]:
             time.sleep(0.1)
 
 
-class LibvirtFixtureVM:
+class LibvirtFixtureVM(StartStop):
     """A persistent libvirt domain running the microguest; undefined at close."""
 
     def __init__(self, fixtures: FixturePaths | None = None, *, ram_mib: int = 256,
@@ -166,14 +167,3 @@ class LibvirtFixtureVM:
             self.conn.close()
         await self.heartbeat.close()
         shutil.rmtree(self.dir, ignore_errors=True)
-
-    async def __aenter__(self) -> LibvirtFixtureVM:
-        try:
-            await self.start()
-        except BaseException:
-            await self.close()
-            raise
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()

@@ -14,6 +14,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import socket
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -80,41 +82,42 @@ class CounterStream:
 
 @dataclass
 class AcceptProbe:
-    """Connect to `path` every `interval` s; record when each attempt was served."""
+    """Connect to `path` every `interval` s; record when each attempt was served.
+
+    It runs on a thread of its own, so what it measures is the socket, not
+    how busy the event loop of the process that runs the upgrade is.
+    """
 
     path: Path
     expect_greeting: bool = False  # QMP greets on accept: wait for its first byte
     interval: float = 0.002
     served: list[float] = field(default_factory=list)
     refused: int = 0
-    _task: asyncio.Task[None] | None = None
-    _stopping: bool = False
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
 
     def start(self) -> None:
-        self._task = asyncio.ensure_future(self._run())
+        self._thread = threading.Thread(target=self._run, daemon=True,
+                                        name=f"accept-probe {self.path.name}")
+        self._thread.start()
 
-    async def _run(self) -> None:
-        # A flag as well as cancel(): Python 3.11's wait_for can swallow a
-        # cancellation that races with the read it waits for.
-        while not self._stopping:
+    def _run(self) -> None:
+        while not self._stop.is_set():
             try:
-                reader, writer = await asyncio.open_unix_connection(str(self.path))
-                try:
+                with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+                    sock.settimeout(5)
+                    sock.connect(str(self.path))
                     if self.expect_greeting:
-                        await asyncio.wait_for(reader.read(1), 5)
-                finally:
-                    writer.close()
+                        sock.recv(1)
                 self.served.append(time.monotonic())
-            except (OSError, TimeoutError):
+            except OSError:
                 self.refused += 1
-            await asyncio.sleep(self.interval)
+            self._stop.wait(self.interval)
 
     async def stop(self) -> None:
-        self._stopping = True
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(BaseException):
-                await self._task
+        self._stop.set()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join, 10)
 
     def longest_gap(self, start: float, end: float) -> float:
         """The longest time without a served probe, within [start, end]."""

@@ -15,6 +15,7 @@ import uuid as uuidlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Self
 
 import psutil
 from qemu.qmp import QMPClient
@@ -55,7 +56,7 @@ class VMConfig:
     # that namespace; it opens the tap by name, or gets an fd as libvirt passes it),
     # the serial console on a unix socket server, a VNC display, a -D log.
     network: TapNetwork | None = None
-    tap_by_fd: bool = False
+    tap: str = "ifname"  # "ifname", "fd" (opened by a manager), "qemu" (QEMU creates one)
     console_socket: bool = False
     vnc: bool = False
     debug_log: bool = False
@@ -65,7 +66,28 @@ class GuestStartError(RuntimeError):
     """QEMU exited or the guest never sent a heartbeat; carries QEMU's log."""
 
 
-class FixtureVM:
+class StartStop:
+    """`async with` for rig guests: start, and close even when start fails halfway."""
+
+    async def start(self) -> None:
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        raise NotImplementedError
+
+    async def __aenter__(self) -> Self:
+        try:
+            await self.start()
+        except BaseException:
+            await self.close()
+            raise
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+class FixtureVM(StartStop):
     """One fixture guest: its QEMU process, private folder and heartbeat reader.
 
     Everything it creates lives in one 0700 folder, and teardown kills every
@@ -125,8 +147,10 @@ class FixtureVM:
             machine += ",aux-ram-share=on"
         args += ["-machine", machine, "-chardev", f"socket,id=hb,path={self.heartbeat.path}"]
         if c.network is not None:
-            tap = (f"tap,id=net0,fd={self.tap_fd}" if c.tap_by_fd else
-                   f"tap,id=net0,ifname={c.network.tap},script=no,downscript=no")
+            tap = {"fd": f"tap,id=net0,fd={self.tap_fd}",
+                   "qemu": "tap,id=net0,script=no,downscript=no",
+                   "ifname": f"tap,id=net0,ifname={c.network.tap},script=no,downscript=no",
+                   }[c.tap]
             args += ["-netdev", tap,
                      "-device", f"virtio-net-pci,netdev=net0,mac={c.network.guest_mac}"]
         if c.vnc:
@@ -164,7 +188,7 @@ class FixtureVM:
                            check=True)
         log = (self.dir / "qemu.log").open("wb")
         net = self.config.network
-        if net is not None and self.config.tap_by_fd:
+        if net is not None and self.config.tap == "fd":
             self.tap_fd = net.open_tap()
         started = time.monotonic()
         try:
@@ -231,13 +255,3 @@ class FixtureVM:
         await self.heartbeat.close()
         shutil.rmtree(self.dir, ignore_errors=True)
 
-    async def __aenter__(self) -> FixtureVM:
-        try:
-            await self.start()
-        except BaseException:
-            await self.close()
-            raise
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
