@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +48,23 @@ class SourceContext:
         if self.cgroups:
             parts.append("cgroups " + ", ".join(self.cgroups))
         return "; ".join(parts)
+
+
+def runnable_by(ctx: SourceContext, paths: list[str]) -> list[str]:
+    """The paths the source's user cannot execute (checked as that user, not guessed)."""
+    if ctx.uid == os.geteuid() and ctx.gid == os.getegid():
+        return []
+    blocked = []
+    for path in paths:
+        try:
+            probe = subprocess.run(["test", "-x", path], user=ctx.uid, group=ctx.gid,
+                                   extra_groups=ctx.groups, capture_output=True)
+        except OSError as e:  # not root: we cannot act as another user at all
+            blocked.append(f"{path} (cannot check as uid {ctx.uid}: {e.strerror})")
+            continue
+        if probe.returncode != 0:
+            blocked.append(path)
+    return blocked
 
 
 def _ns_id(pid: int | str, name: str) -> str | None:

@@ -355,12 +355,25 @@ async def make_plan(proc: source.SourceProcess, client: monitor.Monitor, binary:
             target_version=info.version)
         destination = rebuild()
         check_handover(pf, proc.cmdline, fds, destination, access_problem)
+        _check_runnable(pf, ctx, info)
         check_host(pf, CommandLine.parse(destination.argv), state.ram_bytes)
     for check in pf.checks:
         if check.name in forced and not check.ok:
             check.forced = True
     return PlanReport(proc, state, info, pf, transfer, destination, ctx,
                       None if rebuild is None else lambda numbers: rebuild(numbers=numbers))
+
+
+def _check_runnable(pf: Preflight, ctx: context.SourceContext, info: target.TargetInfo) -> None:
+    """The destination runs as the source's user (libvirt: libvirt-qemu): can it run --to?"""
+    paths = [str(info.path)] + ([info.real_exe] if info.real_exe else [])
+    blocked = context.runnable_by(ctx, paths)
+    pf.add("target-access",
+           f"the VM's QEMU runs as uid {ctx.uid} gid {ctx.gid}, which cannot execute "
+           f"{', '.join(blocked)}" if blocked else None,
+           f"the new QEMU can run as the VM's user ({ctx.describe()})",
+           "install the new QEMU where that user can reach it (a world-traversable "
+           "folder such as /usr or /opt)")
 
 
 async def _source_fds(client: monitor.Monitor, proc: source.SourceProcess

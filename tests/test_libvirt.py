@@ -20,7 +20,7 @@ import pytest
 from liveupgrade import engine
 from liveupgrade.errors import LiveUpgradeError
 from liveupgrade.rig import FixturePaths
-from liveupgrade.rig.libvirt_vm import LibvirtFixtureVM, ensure_daemons
+from liveupgrade.rig.libvirt_vm import LibvirtFixtureVM, ensure_daemons, qemu_for
 from liveupgrade.versions import QemuVersion
 from tests.helpers import assert_guest_intact, is_running
 
@@ -29,6 +29,12 @@ from tests.helpers import assert_guest_intact, is_running
 def libvirt_daemons() -> list[str]:
     """libvirtd and virtlogd, started by hand if none runs (no systemd here)."""
     return ensure_daemons()
+
+
+@pytest.fixture(scope="session")
+def qemu_new(fixtures: FixturePaths) -> Path:
+    """QEMU 10.0 at a path libvirt's QEMU user can execute (the clone may be private)."""
+    return qemu_for(fixtures.qemu_new)
 
 
 @pytest.fixture
@@ -88,7 +94,7 @@ def second_copy(lvm: LibvirtFixtureVM) -> Iterator[SecondCopyProbe]:
 
 
 async def test_list_shows_the_libvirt_domain_and_plan_asks_for_the_opt_in(
-        lvm: LibvirtFixtureVM, fixtures: FixturePaths):
+        lvm: LibvirtFixtureVM, qemu_new: Path, tmp_path: Path):
     from liveupgrade import inventory
 
     vms = {v.pid: v for v in await inventory.list_vms()}
@@ -96,20 +102,27 @@ async def test_list_shows_the_libvirt_domain_and_plan_asks_for_the_opt_in(
     assert info.libvirt_domain == lvm.name and info.libvirt_uri == "qemu:///system"
     assert info.version and info.version.startswith("7.2")  # asked through libvirt
     status_before = lvm.managed.status_path.read_bytes()
-    report = await engine.plan(lvm.pid, fixtures.qemu_new)
+    report = await engine.plan(lvm.pid, qemu_new)
     check = next(c for c in report.preflight.checks if c.name == "libvirt")
     assert not check.ok and "virDomainQemuAttach" in check.detail
     assert "--libvirt-adopt" in check.fix
     with pytest.raises(LiveUpgradeError, match="libvirt"):
-        await engine.upgrade(lvm.pid, fixtures.qemu_new)
+        await engine.upgrade(lvm.pid, qemu_new)
     assert lvm.managed.status_path.read_bytes() == status_before
     assert lvm.dom.isActive() and len(lvm.processes()) == 1
+    # A target the VM's user (libvirt-qemu) cannot execute is refused before anything starts.
+    private = tmp_path / "qemu"  # pytest's tmp folders are 0700 root
+    private.write_text(f'#!/bin/sh\nexec {qemu_new} "$@"\n')
+    private.chmod(0o755)
+    report = await engine.plan(lvm.pid, private, libvirt_adopt=True)
+    access = next(c for c in report.preflight.checks if c.name == "target-access")
+    assert not access.ok and "cannot execute" in access.detail and str(private) in access.detail
 
 
 async def test_adopt_hands_the_new_qemu_to_libvirt(
-        lvm: LibvirtFixtureVM, fixtures: FixturePaths, second_copy: SecondCopyProbe):
+        lvm: LibvirtFixtureVM, qemu_new: Path, second_copy: SecondCopyProbe):
     old_pid, dom_id = lvm.pid, lvm.dom.ID()
-    result = await engine.upgrade(old_pid, fixtures.qemu_new, libvirt_adopt=True)
+    result = await engine.upgrade(old_pid, qemu_new, libvirt_adopt=True)
     second_copy.__exit__()
     assert not is_running(old_pid)
     assert [p.pid for p in lvm.processes()] == [result.destination_pid]
@@ -147,10 +160,10 @@ async def test_adopt_hands_the_new_qemu_to_libvirt(
 
 
 async def test_a_failure_before_switchover_leaves_libvirt_and_the_guest_as_before(
-        lvm: LibvirtFixtureVM, fixtures: FixturePaths):
+        lvm: LibvirtFixtureVM, qemu_new: Path):
     """A target whose machine type differs fails to load the state: roll back, daemon back."""
     wrapper = lvm.dir / "qemu-wrong-machine"  # where libvirt's QEMU user can run it
-    wrapper.write_text(f'#!/bin/sh\nexec {fixtures.qemu_new} "$@" -machine pc-i440fx-7.1\n')
+    wrapper.write_text(f'#!/bin/sh\nexec {qemu_new} "$@" -machine pc-i440fx-7.1\n')
     wrapper.chmod(0o755)
     old_pid, dom_id = lvm.pid, lvm.dom.ID()
     with pytest.raises(LiveUpgradeError, match="Machine type received") as failure:
