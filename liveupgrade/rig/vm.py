@@ -66,6 +66,19 @@ class GuestStartError(RuntimeError):
     """QEMU exited or the guest never sent a heartbeat; carries QEMU's log."""
 
 
+def _wait_dead(procs: list[psutil.Process], timeout: float = 5.0) -> None:
+    """Wait until each process is a zombie or gone, without reaping it."""
+    deadline = time.monotonic() + timeout
+    for proc in procs:
+        while time.monotonic() < deadline:
+            try:
+                if proc.status() == psutil.STATUS_ZOMBIE:
+                    break
+            except psutil.NoSuchProcess:
+                break
+            time.sleep(0.005)
+
+
 class StartStop:
     """`async with` for rig guests: start, and close even when start fails halfway."""
 
@@ -246,8 +259,12 @@ class FixtureVM(StartStop):
         for proc in procs:
             with contextlib.suppress(psutil.Error):
                 proc.send_signal(signal.SIGKILL)
-        # Our own child is reaped by asyncio below, not by psutil.
-        await asyncio.to_thread(psutil.wait_procs, [p for p in procs if p.pid != own], 5)
+        # Children of this process (the VM's QEMU, and a destination the engine
+        # started here) are reaped by asyncio's child watcher, so psutil must not
+        # reap them too: for those, wait until they are zombies or gone.
+        mine = {c.pid for c in psutil.Process().children()}
+        await asyncio.to_thread(psutil.wait_procs, [p for p in procs if p.pid not in mine], 5)
+        await asyncio.to_thread(_wait_dead, [p for p in procs if p.pid in mine and p.pid != own])
         if self.process is not None and self.process.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 self.process.kill()
