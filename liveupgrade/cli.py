@@ -25,8 +25,10 @@ from liveupgrade.progress import ProgressDisplay
 DESCRIPTION = """\
 Upgrade the QEMU binary under a running VM on the same host, without
 rebooting the guest: the VM is migrated into a new QEMU process started from
-its own command line (same -uuid, same versioned machine type), the old
-process is retired, and sockets and pidfile are moved to where they were."""
+its own command line (same -uuid, same versioned machine type) and handed
+the old process's tap devices and listening sockets (QMP, consoles, VNC), so
+network connections and clients carry on; then the old process is retired.
+libvirt VMs need --libvirt-adopt (see docs/libvirt.md)."""
 
 UPGRADE_HELP = """\
 SOURCE is the VM: a PID, the path of its QMP socket, or its -name.
@@ -41,6 +43,12 @@ modes:
                 -machine aux-ram-share=on.
   copy          RAM is copied over a private unix socket (multifd where both
                 sides have it). Works for any VM; takes seconds per GiB.
+
+devices:
+  Taps (-netdev tap, by name, created by QEMU, or passed as fd=) and listening
+  unix sockets are handed over with pidfd_getfd (root); VNC switches to the old
+  listening socket right after switchover; -D logs are appended to. SPICE and
+  legacy -net tap are refused (plan shows the fd-handover check).
 
 safety:
   Until the new QEMU runs the guest, the old one stays in charge: any error,
@@ -61,6 +69,7 @@ examples:
   liveupgrade upgrade --all-stale --parallel 2
   liveupgrade upgrade /run/vm/web1.qmp --to /opt/qemu-10.0/bin/qemu-system-x86_64 --json
   liveupgrade upgrade web1 --to /usr/bin/qemu-system-x86_64 --mode copy --bandwidth 2000
+  liveupgrade upgrade web1 --to /usr/bin/qemu-system-x86_64 --libvirt-adopt   # a libvirt VM
   liveupgrade upgrade web1 --to /usr/bin/qemu-system-x86_64 \\
       --set disk0.file=/srv/images/web1-copy.qcow2
 """

@@ -25,6 +25,7 @@ from liveupgrade.rig import FixturePaths
 from liveupgrade.rig.libvirt_vm import LibvirtFixtureVM, ensure_daemons, qemu_for
 from liveupgrade.versions import QemuVersion
 from tests.helpers import assert_guest_intact, is_running
+from tests.test_network import tap_fds
 
 
 @pytest.fixture(scope="session")
@@ -124,6 +125,7 @@ async def test_list_shows_the_libvirt_domain_and_plan_asks_for_the_opt_in(
 async def test_adopt_hands_the_new_qemu_to_libvirt(
         lvm: LibvirtFixtureVM, qemu_new: Path, second_copy: SecondCopyProbe):
     old_pid, dom_id = lvm.pid, lvm.dom.ID()
+    taps_before = tap_fds(old_pid)
     switchover: list[float] = []
 
     def note(event: UpgradeEvent) -> None:
@@ -134,6 +136,9 @@ async def test_adopt_hands_the_new_qemu_to_libvirt(
     second_copy.__exit__()
     assert not is_running(old_pid)
     assert [p.pid for p in lvm.processes()] == [result.destination_pid]
+    # The tap libvirt created and passed by fd is the new QEMU's, under the same name.
+    assert tap_fds(result.destination_pid) == taps_before and taps_before[0].startswith("vnet")
+    assert any(h.startswith("tap netdev") for h in result.handed_over)
     # libvirt's view: the same domain, running, on the new process and binary.
     lvm.reconnect()
     import libvirt

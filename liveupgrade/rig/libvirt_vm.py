@@ -4,8 +4,9 @@ systemd is not PID 1 on the test machines, so `ensure_daemons` starts
 virtlogd and libvirtd by hand (`-d`) when none runs, as an operator would.
 `LibvirtFixtureVM` defines a persistent domain (so `virsh start` of a second
 copy is a real possibility to guard against) running the microguest on the
-old QEMU, with shared file memory backing; its serial port connects to the
-rig's heartbeat server.
+old QEMU, with shared file memory backing and a virtio NIC on a tap libvirt
+creates and passes by fd; its serial port connects to the rig's heartbeat
+server.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ DOMAIN_XML = """<domain type='qemu'>
   <devices>
     <emulator>{emulator}</emulator>
     <serial type='unix'><source mode='connect' path='{hb}'/></serial>
+    <interface type='ethernet'><model type='virtio'/></interface>
     <controller type='usb' model='none'/>
     <memballoon model='none'/>
   </devices>
