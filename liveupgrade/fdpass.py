@@ -81,9 +81,17 @@ def close_all(fds: object) -> None:
 
 
 def can_take_fds(pid: int) -> str | None:
-    """None if this process may duplicate pid's descriptors, else the reason."""
+    """None if this process may duplicate pid's descriptors, else the reason.
+
+    Tried for real on one descriptor the process has open (and closed again):
+    ptrace rules, LSMs and kernel support all show in the answer.
+    """
     try:
-        taken = take_fds(pid, [0])
+        some_fd = min(int(name) for name in os.listdir(f"/proc/{pid}/fd"))
+    except (OSError, ValueError) as e:
+        return f"cannot list the descriptors of PID {pid}: {e}"
+    try:
+        taken = take_fds(pid, [some_fd])
     except FdAccessError as e:
         return f"{e} (fix: {e.fix})"
     close_all(taken.values())
