@@ -598,6 +598,25 @@ def _destination_stderr(run: _Run) -> int:
     return fd
 
 
+def _settle(path: Path, quiet: float = 0.1, limit: float = 1.0) -> None:
+    """Wait (briefly) until a log another process writes stops growing.
+
+    virtlogd copies the QEMU's stderr into the domain log asynchronously: the
+    reason a destination failed may land a moment after the failure is seen.
+    Only called on the way to reporting an error.
+    """
+    deadline = time.monotonic() + limit
+    last, still_since = -1, time.monotonic()
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError):
+            size = path.stat().st_size
+            if size != last:
+                last, still_since = size, time.monotonic()
+            elif time.monotonic() - still_since >= quiet:
+                return
+        time.sleep(0.02)
+
+
 def _own_by(ctx: context.SourceContext, dirs: list[Path]) -> None:
     """Private folders the destination creates sockets in belong to the user it runs as."""
     if ctx.uid != os.geteuid() or ctx.gid != os.getegid():
@@ -609,6 +628,8 @@ def _destination_log(run: _Run) -> str:
     """What the destination wrote to stderr since it started (its reason for failing)."""
     if run.stderr_path is None:
         return ""
+    if run.libvirt is not None:
+        _settle(run.stderr_path)
     with contextlib.suppress(OSError):
         with run.stderr_path.open("rb") as f:
             f.seek(run.stderr_offset)
