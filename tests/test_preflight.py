@@ -82,34 +82,36 @@ async def test_plan_passes_and_its_command_line_accepts_the_migration(
     taken = take_fds(vm.pid, doc["inherited_fds"])
     argv = [re.sub(r"\bfd=(\d+)\b", lambda m: f"fd={taken[int(m.group(1))]}", a)
             for a in argv]
-    dest = subprocess.Popen(argv, env=clean_env(), stdin=subprocess.DEVNULL,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            pass_fds=list(taken.values()))
-    close_all(taken.values())
-    try:
-        while not engine_qmp.exists():
-            await asyncio.sleep(0.01)
-        dst = QMPClient("by-hand")
-        await dst.connect(str(engine_qmp))
-        caps = {"capabilities": [{"capability": "x-ignore-shared", "state": True}]}
-        await dst.execute("migrate-set-capabilities", caps)
-        mig = tmp_path / "m.sock"
-        await dst.execute("migrate-incoming", {"uri": f"unix:{mig}"})
-        async with vm.qmp() as src:
+    # Connect to the source first, as the engine does: once the destination
+    # runs, it serves the same QMP listening socket and may take new clients.
+    async with vm.qmp() as src:
+        dest = subprocess.Popen(argv, env=clean_env(), stdin=subprocess.DEVNULL,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                pass_fds=list(taken.values()))
+        close_all(taken.values())
+        try:
+            while not engine_qmp.exists():
+                await asyncio.sleep(0.01)
+            dst = QMPClient("by-hand")
+            await dst.connect(str(engine_qmp))
+            caps = {"capabilities": [{"capability": "x-ignore-shared", "state": True}]}
+            await dst.execute("migrate-set-capabilities", caps)
+            mig = tmp_path / "m.sock"
+            await dst.execute("migrate-incoming", {"uri": f"unix:{mig}"})
             await src.execute("migrate-set-capabilities", caps)
             await src.execute("migrate", {"uri": f"unix:{mig}"})
             while (await src.execute("query-migrate"))["status"] != "completed":  # type: ignore[index]
                 await asyncio.sleep(0.01)
-        while (await dst.execute("query-status"))["status"] != "paused":  # type: ignore[index]
-            await asyncio.sleep(0.01)
-        await dst.execute("cont")
-        await vm.heartbeat.wait_beats(100, 10)
-        assert vm.heartbeat.log.sequence_faults() == []
-        await dst.disconnect()
-    finally:
-        dest.kill()
-        dest.wait()
-        shutil.rmtree(engine_qmp.parent, ignore_errors=True)
+            while (await dst.execute("query-status"))["status"] != "paused":  # type: ignore[index]
+                await asyncio.sleep(0.01)
+            await dst.execute("cont")
+            await vm.heartbeat.wait_beats(100, 10)
+            assert vm.heartbeat.log.sequence_faults() == []
+            await dst.disconnect()
+        finally:
+            dest.kill()
+            dest.wait()
+            shutil.rmtree(engine_qmp.parent, ignore_errors=True)
 
 
 async def test_plan_reports_each_failing_check_with_its_fix(fixtures: FixturePaths,
