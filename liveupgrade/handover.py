@@ -124,9 +124,13 @@ def gather(pid: int, cmd: CommandLine, info_network: str) -> SourceFds:
     for inode, path in _unix_listening(pid):
         if inode in inode_fd:
             facts.unix_listeners[path] = inode_fd[inode]
-    for inode, port in _tcp_listening(pid):
-        if inode in inode_fd:
-            facts.tcp_listeners.setdefault(port, []).append(inode_fd[inode])
+    # /proc/PID/net/tcp walks the kernel's whole socket hash (~10 ms here):
+    # read it only when a TCP display needs a listener found.
+    if any(o.name == "vnc" and o.value and not o.value.startswith(("unix:", "none"))
+           for o in cmd.options):
+        for inode, port in _tcp_listening(pid):
+            if inode in inode_fd:
+                facts.tcp_listeners.setdefault(port, []).append(inode_fd[inode])
     return facts
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 from dataclasses import dataclass
@@ -146,18 +147,19 @@ ACTIVE_MIGRATION = frozenset({"setup", "active", "pre-switchover", "device", "ca
 async def query_state(client: monitor.Monitor, pid: int) -> SourceState:
     """Ask the running source what it is (preflight judges whether that can be upgraded)."""
     what = f"source (PID {pid})"
-    status = await monitor.execute(client, "query-status", what=what)
-    name = await monitor.execute(client, "query-name", what=what)
-    uuid = (await monitor.execute(client, "query-uuid", what=what))["UUID"]
-    machine_class = await monitor.execute(client, "qom-get",
-                                          {"path": "/machine", "property": "type"}, what=what)
-    version = QemuVersion.from_qmp(await monitor.execute(client, "query-version", what=what))
-    migrate = await monitor.execute(client, "query-migrate", what=what)
-    caps = await monitor.execute(client, "query-migrate-capabilities", what=what)
-    params = await monitor.execute(client, "query-migrate-parameters", what=what)
-    arch = (await monitor.execute(client, "query-target", what=what))["arch"]
-    kvm = await monitor.execute(client, "query-kvm", what=what)
-    memory = await monitor.execute(client, "query-memory-size-summary", what=what)
+    queries: list[tuple[str, dict[str, Any] | None]] = [
+        ("query-status", None), ("query-name", None), ("query-uuid", None),
+        ("qom-get", {"path": "/machine", "property": "type"}), ("query-version", None),
+        ("query-migrate", None), ("query-migrate-capabilities", None),
+        ("query-migrate-parameters", None), ("query-target", None), ("query-kvm", None),
+        ("query-memory-size-summary", None)]
+    # Sent together: QMP answers in order, and one round trip beats eleven.
+    (status, name, uuid_info, machine_class, version_info, migrate, caps, params, target,
+     kvm, memory) = await asyncio.gather(
+        *(monitor.execute(client, cmd, args, what=what) for cmd, args in queries))
+    uuid = uuid_info["UUID"]
+    version = QemuVersion.from_qmp(version_info)
+    arch = target["arch"]
     machine = str(machine_class).removesuffix("-machine")
     return SourceState(
         status=status["status"], running=bool(status["running"]), name=name.get("name"),
