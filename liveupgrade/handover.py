@@ -104,10 +104,15 @@ def gather(pid: int, cmd: CommandLine, info_network: str) -> SourceFds:
     for index, opt in enumerate(o for o in cmd.options if is_tap(o)):
         ident = opt.prop("id") or f"__org.qemu.nic{index}"
         given = _fd_list(opt.prop("fd")) or _fd_list(opt.prop("fds"))
-        if given:
+        if not given and ident in ifnames:
+            given = by_ifname.get(ifnames[ident], [])
+        if len(given) > 1:
+            facts.tap_problems[ident] = (
+                f"a multiqueue tap ({len(given)} queues) cannot be handed over: the queues "
+                "are shared with the running VM, and a starting QEMU detaches the ones its "
+                "guest does not use yet (QEMU 10.0: 'could not disable queue', then it aborts)")
+        elif given:
             facts.taps[ident] = given
-        elif ident in ifnames and ifnames[ident] in by_ifname:
-            facts.taps[ident] = by_ifname[ifnames[ident]]
         else:
             facts.tap_problems[ident] = (
                 f"no /dev/net/tun descriptor of interface {ifnames.get(ident, '?')} "

@@ -260,4 +260,5 @@ def check_handover(pf: Preflight, cmd: CommandLine, fds: SourceFds, plan: Destin
             if plan.vnc.source_fds else "rebound after the old QEMU exits"))
     pf.add("fd-handover", "; ".join(problems) or None,
            "; ".join(done) if done else "no tap device, listening socket or display to hand over",
-           "use -netdev tap (taps), VNC instead of SPICE, and run liveupgrade as root")
+           "use single-queue -netdev tap (taps), VNC instead of SPICE, and run liveupgrade "
+           "as root")

@@ -41,7 +41,8 @@ def test_an_ifname_tap_becomes_an_fd_tap_without_the_open_only_keys() -> None:
     assert done == ["tap netdev net0: source fd(s) 11"]
 
 
-def test_multiqueue_and_libvirt_json_taps_keep_their_vhost_fds() -> None:
+def test_fd_lists_and_libvirt_json_taps_keep_their_vhost_fds() -> None:
+    """Pure rewriting (a multiqueue tap is refused earlier, by gather)."""
     c = cmd("-netdev", "tap,id=mq,ifname=t,queues=2",
             "-netdev", '{"type":"tap","fd":"26","vhost":true,"vhostfd":"28","id":"hostnet0"}')
     facts = SourceFds(taps={"mq": [9, 10], "hostnet0": [26]}, vhost={"hostnet0": [28]})

@@ -17,6 +17,7 @@ import pytest
 
 from liveupgrade import engine
 from liveupgrade.cmdline import CommandLine
+from liveupgrade.errors import Refused
 from liveupgrade.fdpass import open_fds
 from liveupgrade.report import UpgradeEvent, UpgradeResult
 from liveupgrade.rig import FixturePaths, GuestKind, TapNetwork
@@ -107,6 +108,23 @@ async def test_a_tap_qemu_created_outlives_the_old_qemu(
     assert links.returncode == 0 and created in links.stdout  # still there, old QEMU gone
     assert qemu_pids(vm) == [result.destination_pid]
     await assert_guest_intact(vm)
+
+
+async def test_a_multiqueue_tap_is_refused_and_the_vm_left_alone(fixtures: FixturePaths,
+                                                                 make_vm: VMFactory):
+    """Handing over queue fds was tried: the new QEMU detaches queues the running
+    VM shares ("could not disable queue") and aborts. So preflight refuses."""
+    with TapNetwork(multi_queue=True) as network:
+        vm = await make_vm(fixtures.qemu_old, network=network, tap="mq")
+        assert tap_fds(vm.pid) == [network.tap, network.tap]
+        report = await engine.plan(vm.pid, fixtures.qemu_new)
+        check = next(c for c in report.preflight.checks if c.name == "fd-handover")
+        assert not check.ok and "multiqueue tap (2 queues)" in check.detail
+        with pytest.raises(Refused, match="multiqueue"):
+            await engine.upgrade(vm.pid, fixtures.qemu_new)
+        assert qemu_pids(vm) == [vm.pid] and tap_fds(vm.pid) == [network.tap, network.tap]
+        await assert_guest_intact(vm)
+        await vm.close()  # before the namespace goes
 
 
 async def test_plan_shows_what_is_handed_over_and_refuses_spice(

@@ -43,8 +43,9 @@ class TapNetwork:
     tap = "lutap0"
     guest_mac = "52:54:00:77:00:02"
 
-    def __init__(self) -> None:
+    def __init__(self, multi_queue: bool = False) -> None:
         self.name = f"lu-{secrets.token_hex(3)}"
+        self.multi_queue = multi_queue  # a tap QEMU may open with queues=N
         self.created = False
 
     def _ip(self, *args: str) -> None:
@@ -55,7 +56,8 @@ class TapNetwork:
         self.created = True
         try:
             self._ip("-n", self.name, "link", "set", "lo", "up")
-            self._ip("-n", self.name, "tuntap", "add", "dev", self.tap, "mode", "tap")
+            self._ip("-n", self.name, "tuntap", "add", "dev", self.tap, "mode", "tap",
+                     *(["multi_queue"] if self.multi_queue else []))
             self._ip("-n", self.name, "addr", "add", f"{self.host_ip}/{self.prefix}",
                      "dev", self.tap)
             self._ip("-n", self.name, "link", "set", self.tap, "up")

@@ -56,7 +56,8 @@ class VMConfig:
     # that namespace; it opens the tap by name, or gets an fd as libvirt passes it),
     # the serial console on a unix socket server, a VNC display, a -D log.
     network: TapNetwork | None = None
-    tap: str = "ifname"  # "ifname", "fd" (opened by a manager), "qemu" (QEMU creates one)
+    tap: str = "ifname"  # "ifname", "fd" (opened by a manager), "qemu" (QEMU creates one),
+    #                      "mq" (two queues on a multi_queue tap)
     console_socket: bool = False
     vnc: bool = False
     debug_log: bool = False
@@ -163,9 +164,11 @@ class FixtureVM(StartStop):
             tap = {"fd": f"tap,id=net0,fd={self.tap_fd}",
                    "qemu": "tap,id=net0,script=no,downscript=no",
                    "ifname": f"tap,id=net0,ifname={c.network.tap},script=no,downscript=no",
+                   "mq": f"tap,id=net0,ifname={c.network.tap},script=no,downscript=no,queues=2",
                    }[c.tap]
+            mq = ",mq=on,vectors=6" if c.tap == "mq" else ""
             args += ["-netdev", tap,
-                     "-device", f"virtio-net-pci,netdev=net0,mac={c.network.guest_mac}"]
+                     "-device", f"virtio-net-pci,netdev=net0,mac={c.network.guest_mac}{mq}"]
         if c.vnc:
             args += ["-vnc", "127.0.0.1:0"]
         if c.debug_log:
