@@ -62,7 +62,8 @@ def original_path(path: Path) -> Path:
     return path
 
 
-def _spec_path(value: str) -> str | None:
+def spec_unix_path(value: str) -> str | None:
+    """The path of a "unix:PATH,..." character-device spec (-qmp, -serial, ...), or None."""
     head = KeyVals.parse(value).implied or ""
     return head[len("unix:"):] if head.startswith("unix:") else None
 
@@ -71,6 +72,16 @@ def control_chardevs(cmd: CommandLine) -> set[str | None]:
     """Ids of the chardevs that serve QMP (-mon mode=control), not the engine's own."""
     return {o.prop("chardev") for o in cmd.find("mon")
             if (o.prop("mode") or "readline") == "control"} - {ENGINE_MONITOR_ID}
+
+
+def is_socket_server(opt: Option) -> bool:
+    """A -chardev socket that listens (server=on, a bare `server`, or JSON true)."""
+    if opt.name != "chardev" or opt.prop("backend") != "socket":
+        return False
+    server = opt.prop("server")
+    if server is not None:
+        return server in TRUE_WORDS
+    return not opt.is_json and bool(kv_flag(opt.keyvals(), "server"))
 
 
 def held_paths(cmd: CommandLine) -> list[HeldPath]:
@@ -82,16 +93,13 @@ def held_paths(cmd: CommandLine) -> list[HeldPath]:
             continue
         if opt.name in CHARDEV_SPEC_OPTIONS and not opt.is_json:
             kv = opt.keyvals()
-            path = _spec_path(opt.value)
+            path = spec_unix_path(opt.value)
             if path and kv_flag(kv, "server"):
                 found.append(HeldPath(opt, original_path(Path(path)), "monitor",
                                       is_qmp=opt.name in ("qmp", "qmp-pretty")))
-        elif opt.name == "chardev" and opt.prop("backend") == "socket":
+        elif is_socket_server(opt):
             path = opt.prop("path")
-            server = opt.prop("server")
-            is_server = (server in TRUE_WORDS) if server is not None else (
-                not opt.is_json and bool(kv_flag(opt.keyvals(), "server")))
-            if path and is_server and opt.prop("id") != ENGINE_MONITOR_ID:
+            if path and opt.prop("id") != ENGINE_MONITOR_ID:
                 ident = opt.prop("id")
                 found.append(HeldPath(opt, original_path(Path(path)), "chardev-server",
                                       is_qmp=ident in qmp_chardevs, chardev_id=ident))
@@ -107,7 +115,7 @@ def qmp_paths(cmd: CommandLine) -> list[Path]:
     return [h.path for h in held_paths(cmd) if h.is_qmp]
 
 
-def _without_waiting(kv: KeyVals) -> str:
+def without_waiting(kv: KeyVals) -> str:
     """The spec with any wait/nowait spelling replaced by wait=off."""
     kv.items = [(k, v) for k, v in kv.items if not (k is None and v in ("wait", "nowait"))]
     kv.set("wait", "off")
@@ -127,11 +135,11 @@ def relocate(held: HeldPath, new_path: Path) -> None:
     elif held.kind == "monitor":
         kv = opt.keyvals()
         kv.items[0] = (None, f"unix:{new_path}")
-        opt.value = _without_waiting(kv)
+        opt.value = without_waiting(kv)
     elif opt.is_json:
         data = opt.json()
         data.update(path=str(new_path), wait=False)  # JSON wants a boolean, not "off"
         opt.value = json.dumps(data, separators=(",", ":"))
     else:
         opt.set_prop("path", str(new_path))
-        opt.value = _without_waiting(opt.keyvals())
+        opt.value = without_waiting(opt.keyvals())

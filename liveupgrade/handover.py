@@ -30,11 +30,13 @@ from typing import Any
 
 from liveupgrade.cmdline import CommandLine, KeyVals, Option
 from liveupgrade.endpoints import (
-    TRUE_WORDS,
     HeldPath,
     control_chardevs,
+    is_socket_server,
     kv_flag,
     original_path,
+    spec_unix_path,
+    without_waiting,
 )
 from liveupgrade.fdpass import open_fds, socket_inode
 
@@ -222,10 +224,8 @@ def listener_fd(opt: Option, facts: SourceFds) -> int | None:
     """The source's listening fd behind a chardev/monitor option, if it has one."""
     if opt.value is None:
         return None
-    if opt.name == "chardev" and opt.prop("backend") == "socket":
-        server = opt.prop("server")
-        if not (server in TRUE_WORDS or server == "true" or (
-                server is None and not opt.is_json and kv_flag(opt.keyvals(), "server"))):
+    if opt.name == "chardev":
+        if not is_socket_server(opt):
             return None
         fd = opt.prop("fd")
         if fd is not None and fd.isdigit():
@@ -233,10 +233,9 @@ def listener_fd(opt: Option, facts: SourceFds) -> int | None:
         path = opt.prop("path")
         return _bound(path, facts) if path else None
     if opt.name in ("qmp", "qmp-pretty", "monitor", "serial") and not opt.is_json:
-        kv = opt.keyvals()
-        head = kv.implied or ""
-        if head.startswith("unix:") and kv_flag(kv, "server"):
-            return _bound(head[len("unix:"):], facts)
+        path = spec_unix_path(opt.value)
+        if path and kv_flag(opt.keyvals(), "server"):
+            return _bound(path, facts)
     return None
 
 
@@ -273,12 +272,10 @@ def rewrite_listeners(cmd: CommandLine, facts: SourceFds,
             else:
                 kv = opt.keyvals()
                 kv.remove("path")
-                kv.items = [(k, v) for k, v in kv.items
-                            if not (k is None and v in ("server", "wait", "nowait"))]
+                kv.items = [(k, v) for k, v in kv.items if not (k is None and v == "server")]
                 kv.set("fd", str(number))
                 kv.set("server", "on")
-                kv.set("wait", "off")
-                opt.value = kv.render()
+                opt.value = without_waiting(kv)
             out.append(opt)
         else:
             ident = f"{HANDOVER_CHARDEV_PREFIX}{opt.name}{count}"
