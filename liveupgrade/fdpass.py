@@ -16,7 +16,6 @@ import errno
 import fcntl
 import os
 import re
-import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -106,6 +105,11 @@ class FdFacts:
     target: str  # readlink of /proc/PID/fd/N: "/dev/net/tun", "socket:[123]", ...
     tun_ifname: str | None  # the tap/tun interface a /dev/net/tun fd is attached to
 
+    @property
+    def socket_inode(self) -> int | None:
+        """The inode of a socket (as /proc/PID/net/unix lists it), from the link itself."""
+        return _socket_inode(self.target)
+
 
 _IFF = re.compile(r"^iff:\s*(\S+)", re.MULTILINE)
 
@@ -126,12 +130,18 @@ def open_fds(pid: int) -> list[FdFacts]:
     return sorted(found, key=lambda f: f.fd)
 
 
+_SOCKET = re.compile(r"^socket:\[(\d+)\]$")
+
+
+def _socket_inode(target: str) -> int | None:
+    match = _SOCKET.match(target)
+    return int(match.group(1)) if match else None
+
+
 def socket_inode(pid: int, fd: int) -> int | None:
-    """The inode of a socket fd (matches /proc/net/unix and psutil), or None."""
+    """The inode of a socket fd (as /proc/PID/net/unix lists it), or None."""
     with contextlib.suppress(OSError):
-        st = os.stat(f"/proc/{pid}/fd/{fd}")
-        if stat.S_ISSOCK(st.st_mode):
-            return st.st_ino
+        return _socket_inode(os.readlink(f"/proc/{pid}/fd/{fd}"))
     return None
 
 
@@ -157,7 +167,6 @@ class VnetHeaderGuard:
     def __init__(self, fds: list[int]):
         self.fds = [os.dup(fd) for fd in fds]
         self.sizes = {fd: self._get(fd) for fd in self.fds}
-        self.resets = 0
 
     @staticmethod
     def _get(fd: int) -> int:
@@ -170,7 +179,6 @@ class VnetHeaderGuard:
             with contextlib.suppress(OSError):
                 if self._get(fd) != size:
                     fcntl.ioctl(fd, TUNSETVNETHDRSZ, size.to_bytes(4, "little"))
-                    self.resets += 1
 
     async def hold(self) -> None:
         """Enforce until cancelled."""

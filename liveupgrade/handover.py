@@ -122,12 +122,7 @@ def gather(pid: int, cmd: CommandLine, info_network: str) -> SourceFds:
         vhost = _fd_list(opt.prop("vhostfd")) or _fd_list(opt.prop("vhostfds"))
         if vhost:
             facts.vhost[ident] = vhost
-    inode_fd = {}
-    for f in fds:
-        if f.target.startswith("socket:"):
-            ino = socket_inode(pid, f.fd)
-            if ino is not None:
-                inode_fd[ino] = f.fd
+    inode_fd = {f.socket_inode: f.fd for f in fds if f.socket_inode is not None}
     for inode, path in _unix_listening(pid):
         if inode in inode_fd:
             facts.unix_listeners[path] = inode_fd[inode]
