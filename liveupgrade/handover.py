@@ -6,8 +6,9 @@ and a listening socket re-created at its address leaves a gap in which
 clients are refused. So the destination is given the source's own
 descriptors, duplicated with pidfd_getfd:
 
-- tap netdevs become ``fd=``/``fds=`` netdevs (vhost fds named in the source's
-  argv are handed over too; otherwise the destination opens /dev/vhost-net);
+- single-queue tap netdevs become ``fd=`` netdevs (a vhost fd named in the
+  source's argv is handed over too; otherwise the destination opens
+  /dev/vhost-net); multiqueue taps are refused (see gather);
 - listening unix sockets of chardevs, QMP, HMP and serial become
   ``-chardev socket,fd=N,server=on`` on the very same socket;
 - a VNC display starts on a private unix socket and, after switchover, is
@@ -53,16 +54,15 @@ HANDOVER_CHARDEV_PREFIX = "lu-socket-"
 class SourceFds:
     """The source's descriptors that an upgrade hands over, by what uses them."""
 
-    taps: dict[str, list[int]] = field(default_factory=dict)  # netdev id -> queue fds
-    vhost: dict[str, list[int]] = field(default_factory=dict)  # netdev id -> vhost fds
+    taps: dict[str, int] = field(default_factory=dict)  # netdev id -> its tap fd
+    vhost: dict[str, int] = field(default_factory=dict)  # netdev id -> vhost fd from argv
     tap_problems: dict[str, str] = field(default_factory=dict)  # netdev id -> why not
     unix_listeners: dict[str, int] = field(default_factory=dict)  # bound path -> fd
     tcp_listeners: dict[int, list[int]] = field(default_factory=dict)  # port -> fds
 
     def at_start(self, cmd: CommandLine) -> list[int]:
         """The fds the destination needs when it starts (taps, chardev listeners)."""
-        fds = [fd for queues in self.taps.values() for fd in queues]
-        fds += [fd for queues in self.vhost.values() for fd in queues]
+        fds = [*self.taps.values(), *self.vhost.values()]
         for opt in cmd.options:
             fd = listener_fd(opt, self)
             if fd is not None:
@@ -114,14 +114,14 @@ def gather(pid: int, cmd: CommandLine, info_network: str) -> SourceFds:
                 "are shared with the running VM, and a starting QEMU detaches the ones its "
                 "guest does not use yet (QEMU 10.0: 'could not disable queue', then it aborts)")
         elif given:
-            facts.taps[ident] = given
+            facts.taps[ident] = given[0]
         else:
             facts.tap_problems[ident] = (
                 f"no /dev/net/tun descriptor of interface {ifnames.get(ident, '?')} "
                 "found in the process")
         vhost = _fd_list(opt.prop("vhostfd")) or _fd_list(opt.prop("vhostfds"))
-        if vhost:
-            facts.vhost[ident] = vhost
+        if vhost and ident in facts.taps:
+            facts.vhost[ident] = vhost[0]
     inode_fd = {f.socket_inode: f.fd for f in fds if f.socket_inode is not None}
     for inode, path in _unix_listening(pid):
         if inode in inode_fd:
@@ -178,28 +178,18 @@ def _tcp_listening(pid: int) -> list[tuple[int, int]]:
 
 # ---- pure rewriting of the destination's command line --------------------------------
 
-def _fds_text(fds: list[int], numbers: Mapping[int, int]) -> str:
-    return ":".join(str(numbers.get(fd, fd)) for fd in fds)
-
-
 def rewrite_taps(cmd: CommandLine, facts: SourceFds, numbers: Mapping[int, int]) -> list[str]:
     """Turn every tap netdev into one on the source's descriptors; returns what was done."""
     done = []
     for index, opt in enumerate(o for o in cmd.options if is_tap(o)):
         ident = opt.prop("id") or f"__org.qemu.nic{index}"
-        queues = facts.taps.get(ident)
-        if not queues:
+        fd = facts.taps.get(ident)
+        if fd is None:
             continue
-        vhost = facts.vhost.get(ident, [])
-        changes: dict[str, Any] = {}
-        if len(queues) == 1:
-            changes["fd"] = _fds_text(queues, numbers)
-            if vhost:
-                changes["vhostfd"] = _fds_text(vhost, numbers)
-        else:
-            changes["fds"] = _fds_text(queues, numbers)
-            if vhost:
-                changes["vhostfds"] = _fds_text(vhost, numbers)
+        changes = {"fd": str(numbers.get(fd, fd))}
+        vhost = facts.vhost.get(ident)
+        if vhost is not None:
+            changes["vhostfd"] = str(numbers.get(vhost, vhost))
         if opt.is_json:
             data = {k: v for k, v in opt.json().items() if k not in TAP_OPEN_KEYS}
             data.update(changes)
@@ -211,7 +201,7 @@ def rewrite_taps(cmd: CommandLine, facts: SourceFds, numbers: Mapping[int, int])
             for key, value in changes.items():
                 kv.set(key, value)
             opt.value = kv.render()
-        done.append(f"tap netdev {ident}: source fd(s) {_fds_text(queues, {})}")
+        done.append(f"tap netdev {ident}: source fd(s) {fd}")
     return done
 
 

@@ -223,6 +223,6 @@ def build_destination(source_argv: list[str], *, target_binary: Path, machine: s
         cpr_path = rundir / "cpr.sock"
         cmd.add("incoming", json.dumps({"channel-type": "cpr", "addr": {
             "transport": "socket", "type": "unix", "path": str(cpr_path)}}))
-    taps = [fd for queues in facts.taps.values() for fd in queues]
+    taps = sorted(facts.taps.values())
     return DestinationPlan(cmd.argv(), qmp_path, migrate_path, cpr_path, token, relocations,
                            inherited, taps, handed_over, vnc, log_path)
