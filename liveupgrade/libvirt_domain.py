@@ -78,20 +78,27 @@ class LibvirtVM:
         return f"libvirt domain {self.name} on {self.uri}"
 
 
+def status_pid(status: Path) -> int | None:
+    """The QEMU PID a runtime status file names (`<domstatus pid=...>`), or None."""
+    with contextlib.suppress(OSError):
+        match = _DOMSTATUS_PID.search(status.read_text())
+        if match:
+            return int(match.group(2))
+    return None
+
+
 def find(pid: int, status_dir: Path = SYSTEM_STATUS_DIR) -> LibvirtVM | None:
     """The libvirt domain whose runtime status names this PID, or None."""
     with contextlib.suppress(OSError):
         for status in sorted(status_dir.glob("*.xml")):
-            with contextlib.suppress(OSError):
-                match = _DOMSTATUS_PID.search(status.read_text())
-                if match and int(match.group(2)) == pid:
-                    name = status.stem
-                    return LibvirtVM(pid, name, SYSTEM_URI, status, status_dir / f"{name}.pid",
-                                     Path("/var/log/libvirt/qemu") / f"{name}.log")
+            if status_pid(status) == pid:
+                name = status.stem
+                return LibvirtVM(pid, name, SYSTEM_URI, status, status_dir / f"{name}.pid",
+                                 Path("/var/log/libvirt/qemu") / f"{name}.log")
     return None
 
 
-def _import_libvirt() -> Any:
+def import_libvirt() -> Any:
     try:
         import libvirt
     except ImportError as e:
@@ -107,7 +114,7 @@ class LibvirtMonitor:
     """
 
     def __init__(self, vm: LibvirtVM):
-        libvirt = _import_libvirt()
+        libvirt = import_libvirt()
         import libvirt_qemu
 
         self.vm = vm

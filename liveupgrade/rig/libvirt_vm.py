@@ -25,7 +25,16 @@ from typing import Any
 
 import psutil
 
-from liveupgrade.libvirt_domain import SYSTEM_URI, LibvirtVM, find
+from liveupgrade.context import SourceContext, runnable_by
+from liveupgrade.libvirt_domain import (
+    SYSTEM_STATUS_DIR,
+    SYSTEM_URI,
+    Daemon,
+    LibvirtVM,
+    find,
+    import_libvirt,
+    status_pid,
+)
 from liveupgrade.rig.heartbeat import HeartbeatServer
 from liveupgrade.rig.paths import FixturePaths, find_fixtures
 from liveupgrade.rig.vm import StartStop
@@ -56,13 +65,6 @@ DOMAIN_XML = """<domain type='qemu'>
 """
 
 
-def _libvirt() -> Any:
-    import libvirt
-
-    libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
-    return libvirt
-
-
 def _running(name: str) -> bool:
     return any(p.info.get("name") == name for p in psutil.process_iter(["name"]))
 
@@ -73,10 +75,10 @@ def ensure_daemons() -> list[str]:
     if not _running("virtlogd"):
         subprocess.run(["virtlogd", "-d"], check=True)
         started.append("virtlogd")
-    if not (_running("libvirtd") or _running("virtqemud")):
+    if Daemon.find() is None:
         subprocess.run(["libvirtd", "-d"], check=True)
         started.append("libvirtd")
-    libvirt = _libvirt()
+    libvirt = import_libvirt()
     deadline = time.monotonic() + DAEMON_READY_TIMEOUT
     while True:
         try:
@@ -116,7 +118,7 @@ class LibvirtFixtureVM(StartStop):
         qemu = pwd.getpwnam(QEMU_USER)
         os.chown(self.heartbeat.path, qemu.pw_uid, qemu.pw_gid)
         shutil.copy(self.fixtures.microguest, self.dir / "microguest.elf")
-        libvirt = _libvirt()
+        libvirt = import_libvirt()
         self.conn = libvirt.open(SYSTEM_URI)
         self.dom = self.conn.defineXML(self.xml())
         await asyncio.to_thread(self.dom.create)
@@ -125,10 +127,9 @@ class LibvirtFixtureVM(StartStop):
     @property
     def managed(self) -> LibvirtVM:
         """libvirt's runtime view of the domain (pid, status file)."""
-        status = Path("/run/libvirt/qemu") / f"{self.name}.xml"
-        text = status.read_text()
-        pid = int(text.split("pid='", 1)[1].split("'", 1)[0])
-        found = find(pid)
+        status = SYSTEM_STATUS_DIR / f"{self.name}.xml"
+        pid = status_pid(status)
+        found = find(pid) if pid is not None else None
         assert found is not None, f"{status} names PID {pid}, which is not found"
         return found
 
@@ -140,7 +141,7 @@ class LibvirtFixtureVM(StartStop):
         """A fresh connection and domain handle (after the daemon restarted)."""
         with contextlib.suppress(Exception):
             self.conn.close()
-        self.conn = _libvirt().open(SYSTEM_URI)
+        self.conn = import_libvirt().open(SYSTEM_URI)
         self.dom = self.conn.lookupByName(self.name)
 
     def processes(self) -> list[psutil.Process]:
@@ -154,7 +155,7 @@ class LibvirtFixtureVM(StartStop):
         return found
 
     async def close(self) -> None:
-        libvirt = _libvirt()
+        libvirt = import_libvirt()
         with contextlib.suppress(Exception):
             self.reconnect()
         with contextlib.suppress(libvirt.libvirtError, AttributeError):
@@ -184,8 +185,9 @@ def qemu_for(binary: Path, user: str = QEMU_USER) -> Path:
     (target-access); this is the rig making its own QEMU reachable.
     """
     account = pwd.getpwnam(user)
-    if subprocess.run(["test", "-x", str(binary)], user=account.pw_uid,
-                      group=account.pw_gid, capture_output=True).returncode == 0:
+    as_user = SourceContext(pid=0, uid=account.pw_uid, gid=account.pw_gid,
+                            groups=os.getgrouplist(user, account.pw_gid))
+    if not runnable_by(as_user, [str(binary)]):
         return binary
     lines = binary.read_text().splitlines()
     real = Path(next(line.split()[1] for line in lines if line.startswith("exec ")))
