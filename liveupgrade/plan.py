@@ -75,10 +75,9 @@ class DestinationPlan:
     qmp_path: Path  # the engine's own monitor on the destination
     migrate_path: Path
     cpr_path: Path | None
-    token: str = ""
     relocations: list[Relocation] = field(default_factory=list)
     inherited_fds: list[int] = field(default_factory=list)  # source fds given at start
-    tap_fds: list[int] = field(default_factory=list)  # which of them are tap queues
+    tap_fds: list[int] = field(default_factory=list)  # which of them are taps
     handed_over: list[str] = field(default_factory=list)  # what runs on source fds
     vnc: VncHandover | None = None
     log_path: Path | None = None  # the -D file: the destination's stderr appends to it
@@ -224,5 +223,5 @@ def build_destination(source_argv: list[str], *, target_binary: Path, machine: s
         cmd.add("incoming", json.dumps({"channel-type": "cpr", "addr": {
             "transport": "socket", "type": "unix", "path": str(cpr_path)}}))
     taps = sorted(facts.taps.values())
-    return DestinationPlan(cmd.argv(), qmp_path, migrate_path, cpr_path, token, relocations,
+    return DestinationPlan(cmd.argv(), qmp_path, migrate_path, cpr_path, relocations,
                            inherited, taps, handed_over, vnc, log_path)
