@@ -31,7 +31,7 @@ import psutil
 
 from benchmarks.raw_qmp import raw_upgrade
 from liveupgrade import engine, monitor
-from liveupgrade.rig import (
+from rig import (
     FixturePaths,
     FixtureVM,
     GuestKind,
@@ -39,7 +39,7 @@ from liveupgrade.rig import (
     VMConfig,
     find_fixtures,
 )
-from liveupgrade.rig.kvm import decide_accel_async
+from rig.kvm import decide_accel_async
 
 RESULTS = Path(__file__).resolve().parent / "results"
 HEARTBEAT_US = 1000

@@ -28,9 +28,9 @@ from typing import Any
 from benchmarks.bench import fmt, machine_facts, summarize
 from liveupgrade import engine
 from liveupgrade.report import UpgradeEvent, UpgradeResult
-from liveupgrade.rig import FixtureVM, GuestKind, TapNetwork, VMConfig, find_fixtures
-from liveupgrade.rig.kvm import decide_accel_async
-from liveupgrade.rig.probes import NetworkObservation, observe_network, vnc_banner
+from rig import FixtureVM, GuestKind, TapNetwork, VMConfig, find_fixtures
+from rig.kvm import decide_accel_async
+from rig.probes import NetworkObservation, observe_network, vnc_banner
 
 DEFAULT_OUT = Path(__file__).parent / "results" / "network"
 RUN_TIMEOUT = 300.0  # one run takes ~30 s; a hang is reported, not waited out

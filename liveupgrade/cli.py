@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import json
+import os
 import signal
 import sys
 import textwrap
@@ -103,16 +105,43 @@ A VM is stale when its binary on disk was deleted or replaced (a package
 upgrade), or a shared library it has mapped was, as needrestart decides.
 """
 
-PLAN_HELP = """\
+PLAN_HELP = f"""\
 Changes nothing. Prints the checks `upgrade` would run, each PASS or FAIL with
 the fix, the mode it would choose and why, the destination's command line,
 and the paths it would move into place. Exit status 0 if the upgrade could
 proceed, 1 if it would be refused, 2 for bad usage.
 
-checks that can be overridden with --force NAME: devices, backends,
-cpu-model, rom-sizes, host-memory, paths; and the known QEMU bugs
-(tcg-dirty-bitmap, ignore-shared-memfd). target-arch, machine-type, mode,
-monitor, migration-idle and run-state cannot be forced.
+checks that can be overridden with --force NAME: {', '.join(sorted(FORCEABLE))};
+and the known QEMU bugs ({', '.join(sorted(KNOWN_BUGS))}). Every other check
+guards the guest's safety and cannot be forced.
+"""
+
+RECOVER_HELP = """\
+Repairs upgrades that were interrupted: the liveupgrade process that ran them
+died (killed, out of memory, host tool upgraded mid-way) and so did its keeper,
+the small process each upgrade starts to finish the job if the command dies.
+Each upgrade writes a journal (/run/liveupgrade/liveupgrade-transactions/) before
+every step; from it and from the new QEMU's own run state, recover decides:
+
+  before switchover   roll back: kill the new QEMU, cancel the migration,
+                      resume the guest on the old QEMU if it ran, give back
+                      migration settings, restart the libvirt daemon;
+  at switchover       roll forward if the new QEMU holds the whole VM state
+                      (resume it), else roll back as above;
+  after switchover    roll forward: kill the old QEMU, move sockets and
+                      pidfile into place, rebind VNC, hand the VM to libvirt.
+
+The new QEMU is always killed before the old one is resumed: never two running
+copies. An upgrade still in progress (its lock held) is left alone.
+`liveupgrade list` shows interrupted upgrades.
+
+exit status:
+  0 every VM repaired (or nothing to repair); 1 a repair failed or an upgrade
+  is still in progress; 2 bad usage (no interrupted upgrade of that VM).
+
+examples:
+  liveupgrade recover --all
+  liveupgrade recover web1 --json
 """
 
 
@@ -166,6 +195,13 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("source", metavar="SOURCE", help="PID, QMP socket path, or -name of the VM")
     _add_transfer_options(pl)
 
+    rc = sub.add_parser("recover", help="repair upgrades interrupted by the death of the tool",
+                        description=RECOVER_HELP, formatter_class=raw)
+    rc.add_argument("source", metavar="VM", nargs="?",
+                    help="the VM: its -name, UUID, or the PID of its old or new QEMU")
+    rc.add_argument("--all", action="store_true", help="every interrupted upgrade on this host")
+    rc.add_argument("--json", action="store_true", help="print one JSON document on stdout")
+
     ls = sub.add_parser("list", help="every QEMU on this host, and which run stale code",
                         description=LIST_HELP, formatter_class=raw)
     ls.add_argument("--json", action="store_true", help="print one JSON document on stdout")
@@ -181,15 +217,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+CANCELLING_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
 async def _with_signals(coro: Awaitable[Any]) -> Any:
-    """Run coro; SIGTERM cancels it like Ctrl-C does, so the engine can roll back."""
+    """Run coro; SIGTERM and SIGHUP (the operator's terminal or SSH session gone) cancel
+    it like Ctrl-C does, so the engine rolls back (or, past switchover, finishes)."""
     task = asyncio.ensure_future(coro)
     loop = asyncio.get_running_loop()
-    loop.add_signal_handler(signal.SIGTERM, task.cancel)
+    for sig in CANCELLING_SIGNALS:
+        loop.add_signal_handler(sig, task.cancel)
     try:
         return await task
     finally:
-        loop.remove_signal_handler(signal.SIGTERM)
+        for sig in CANCELLING_SIGNALS:
+            loop.remove_signal_handler(sig)
 
 
 def _fail(args: argparse.Namespace, message: str, fix: str, code: int) -> int:
@@ -224,12 +266,15 @@ async def _run(args: argparse.Namespace, display: ProgressDisplay) -> tuple[Any,
         vms = await inventory.list_vms()
         if not args.json:
             _table("QEMU processes", ["PID", "name", "version", "stale", "QMP / manager", "RAM",
-                                      "modes"],
+                                      "modes / upgrade"],
                    [[str(v.pid), v.name or "-", v.version or "?",
                      "yes: " + "; ".join(v.stale_reasons) if v.stale else "no",
-                     v.managed_by or v.qmp or "-", v.memory, ", ".join(v.modes) or "none"]
+                     v.managed_by or v.qmp or "-", v.memory,
+                     ", ".join(v.modes) or "none" if v.upgrade is None else v.upgrade]
                     for v in vms])
         return [v.to_json() for v in vms], "", True
+    if args.command == "recover":
+        return await _recover(args)
     if args.command == "plan":
         if not args.target:
             raise UsageError("plan needs --to BINARY")
@@ -260,19 +305,40 @@ async def _run(args: argparse.Namespace, display: ProgressDisplay) -> tuple[Any,
     return outcome.to_json(), outcome.summary(), outcome.ok
 
 
+async def _recover(args: argparse.Namespace) -> tuple[Any, str, bool]:
+    from liveupgrade import recovery
+
+    if bool(args.source) == bool(args.all):
+        raise UsageError("recover needs a VM or --all (not both)",
+                         "liveupgrade recover --all, or liveupgrade recover NAME")
+    repairs = await recovery.recover(args.source)
+    text = "\n".join(r.summary() for r in repairs) or "no interrupted upgrades on this host"
+    return ([r.to_json() for r in repairs], text,
+            all(r.ok and r.action != "in progress" for r in repairs))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     display = ProgressDisplay(enabled=not args.json)
     try:
         with display:
             output, text, ok = asyncio.run(_with_signals(_run(args, display)))
+        if args.json:
+            print(json.dumps(output, indent=2))
+        elif text:
+            print(text)
+        return 0 if ok else 1
     except LiveUpgradeError as e:
         return _fail(args, str(e), e.fix, e.exit_code)
     except (KeyboardInterrupt, asyncio.CancelledError):
         return _fail(args, "interrupted before switchover: the migration was cancelled and the "
                      "VM runs on the old QEMU, as before", "", 1)
-    if args.json:
-        print(json.dumps(output, indent=2))
-    elif text:
-        print(text)
-    return 0 if ok else 1
+    except OSError as e:
+        if e.errno in (errno.EIO, errno.EPIPE):  # the terminal went away (SIGHUP, closed pipe)
+            return 1
+        return _fail(args, f"the host refused an operation: {e}", "", 1)
+    except Exception as e:  # a bug of ours: say so in one line, never a traceback unasked
+        if os.environ.get("LIVEUPGRADE_DEBUG"):
+            raise
+        return _fail(args, f"internal error: {type(e).__name__}: {e}",
+                     "please report it; LIVEUPGRADE_DEBUG=1 shows the traceback", 1)

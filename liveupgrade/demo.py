@@ -7,16 +7,17 @@ guest would notice. The guest also checks its memory pattern the whole time.
 
 from __future__ import annotations
 
+import importlib
+import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 from liveupgrade import engine, monitor
-from liveupgrade.errors import LiveUpgradeError
+from liveupgrade.errors import LiveUpgradeError, UsageError
 from liveupgrade.report import UpgradeResult
-from liveupgrade.rig import FixtureVM, GuestKind, MemoryBacking, VMConfig, find_fixtures
-from liveupgrade.rig.kvm import decide_accel_async
-from liveupgrade.rig.paths import FixturesMissing
 from liveupgrade.source import inspect_process
 
 
@@ -57,10 +58,32 @@ class DemoOutcome:
                 f"now running {self.binary_after}")
 
 
+def import_rig() -> ModuleType:
+    """The test rig (fixture guests, heartbeat reader) from the source checkout.
+
+    It is test harness, not part of the installed tool: it lives in the
+    checkout's rig/ folder, found beside this package (an editable install)
+    or in the current directory.
+    """
+    for root in (Path(__file__).resolve().parents[1], Path.cwd()):
+        if (root / "rig" / "__init__.py").is_file():
+            if str(root) not in sys.path:
+                sys.path.insert(0, str(root))
+            return importlib.import_module("rig")
+    raise UsageError("the demo needs the liveupgrade source checkout (its test rig in rig/ "
+                     "and the guests ./setup.sh builds)",
+                     "run it from the checkout: ./setup.sh && .venv/bin/python -m liveupgrade demo")
+
+
 async def run_demo(*, guest: str = "micro", ram_mib: int = 1024, mode: str = "auto",
                    on_event: engine.EventCallback | None = None) -> DemoOutcome:
+    rig = import_rig()
+    from rig.kvm import decide_accel_async
+    from rig.paths import FixturesMissing
+    FixtureVM, GuestKind, MemoryBacking, VMConfig = (
+        rig.FixtureVM, rig.GuestKind, rig.MemoryBacking, rig.VMConfig)
     try:
-        fixtures = find_fixtures()
+        fixtures = rig.find_fixtures()
     except FixturesMissing as e:
         raise LiveUpgradeError(str(e), "run ./setup.sh") from e
     accel = (await decide_accel_async(fixtures.qemu_old)).accel

@@ -1,13 +1,24 @@
-"""The upgrade engine: explicit phases, each able to undo itself.
+"""The upgrade engine: explicit phases, each resource registering its own undo.
 
-    inspect -> plan -> start destination -> transfer -> | switchover -> retire source -> relocate
-                                                        ^ point of no return
+    inspect -> plan -> [libvirt] -> destination -> transfer -> | switchover -> retire
+                                                                ^ point of no return
+                                                    -> relocate -> [adopt]
 
-Until the destination runs the guest, the source is authoritative: any
-error, a timeout, or cancellation (Ctrl-C, SIGTERM) cancels the migration,
-makes sure the source runs exactly as before, and kills the destination.
-Only one copy of the guest ever runs: the destination is started with -S
-and is resumed only after the source has stopped in migration.
+Until the destination runs the guest, the source is authoritative. Each
+resource acquired before switchover registers how to undo itself on one
+stack, as it is acquired: the libvirt pause (start the daemon again), the
+source session (cancel, resume, give back our settings), the destination
+(kill it), the private paths (remove them). Any error, the timeout or a
+cancellation (Ctrl-C, SIGTERM, SIGHUP) closes that stack under shield, in
+reverse order: the destination is always dead before the source resumes, so
+only one copy of the guest ever runs. At switchover the stack is dropped:
+from then on the upgrade only goes forward, shielded from cancellation.
+
+What the engine cannot do for itself is survive its own death. So before it
+changes anything it takes the VM's lock, starts a keeper (keeper.py) and
+writes each step to the VM's journal (journal.py) before carrying it out;
+if this process dies, the keeper repairs the VM from that record
+(recovery.py), rolling back or forward by the same rules.
 """
 
 from __future__ import annotations
@@ -17,36 +28,40 @@ import contextlib
 import functools
 import os
 import secrets
-import shlex
 import shutil
-import signal
-import subprocess
 import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import psutil
-from qemu.qmp import QMPClient
-from qemu.qmp.events import EventListener
-
-from liveupgrade import context, fdpass, handover, libvirt_domain, monitor, source, target
+from liveupgrade import (
+    context,
+    fdpass,
+    handover,
+    journal,
+    libvirt_domain,
+    monitor,
+    procs,
+    source,
+    target,
+)
 from liveupgrade.bugs import KNOWN_BUGS
 from liveupgrade.cmdline import CommandLine
+from liveupgrade.destination import Destination, DestinationLog
 from liveupgrade.errors import (
     DestinationFailed,
     LiveUpgradeError,
     MonitorError,
-    Refused,
     SwitchoverFailed,
     TargetBinaryError,
     TransferFailed,
     UsageError,
 )
+from liveupgrade.keeper import Keeper
 from liveupgrade.memory import layout
-from liveupgrade.modes import Mode, ModeInputs, Transfer, parse_mode, transfer_settings
+from liveupgrade.modes import Mode, ModeInputs, parse_mode, transfer_settings
 from liveupgrade.plan import DestinationPlan, Override, build_destination
 from liveupgrade.preflight import (
     FORCEABLE,
@@ -58,57 +73,20 @@ from liveupgrade.preflight import (
     check_source,
     check_target,
 )
-from liveupgrade.report import UpgradeEvent, UpgradeResult
+from liveupgrade.report import PlanReport, UpgradeEvent, UpgradeResult
+from liveupgrade.session import SourceSession, reset_capabilities
+from liveupgrade.switchover import move_into_place, rebind_vnc, retire_source
 
 EventCallback = Callable[[UpgradeEvent], None]
-ACTIVE_STATES = {"setup", "active", "pre-switchover", "device", "wait-unplug", "cancelling"}
 PROGRESS_INTERVAL = 0.1
-DESTINATION_START_TIMEOUT = 30.0
-SOURCE_EXIT_TIMEOUT = 10.0
-
-
-def runtime_base() -> Path:
-    """Where private run folders go: /run/liveupgrade as root, else XDG_RUNTIME_DIR or /tmp.
-
-    /run/liveupgrade is 0711: a destination running as the VM's own user
-    (libvirt's libvirt-qemu) may pass through it to its run folder, which is
-    0700 and owned by that user, but cannot list or enter the others.
-    """
-    if os.geteuid() == 0 and Path("/run").is_dir():
-        base = Path("/run/liveupgrade")
-        base.mkdir(mode=0o711, parents=True, exist_ok=True)
-        os.chmod(base, 0o711)
-        return base
-    base = Path(os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir())
-    base.mkdir(mode=0o700, parents=True, exist_ok=True)
-    return base
 
 
 @dataclass
-class _Run:
-    """The state one upgrade accumulates as its phases run."""
+class _Progress:
+    """Phase events for the caller, and how long each phase took."""
 
     on_event: EventCallback
     phases_ms: dict[str, float] = field(default_factory=dict)
-    src: source.SourceProcess | None = None
-    src_qmp: monitor.Monitor | None = None
-    state: source.SourceState | None = None
-    info: target.TargetInfo | None = None
-    transfer: Transfer | None = None
-    plan: DestinationPlan | None = None
-    rebuild: Callable[[dict[int, int]], DestinationPlan] | None = None
-    context: context.SourceContext | None = None
-    rundir: Path | None = None
-    stderr_path: Path | None = None
-    stderr_offset: int = 0
-    tap_guard: asyncio.Task[None] | None = None
-    source_killed_at: float | None = None
-    libvirt: libvirt_domain.LibvirtVM | None = None  # set when libvirt manages the VM
-    daemon: libvirt_domain.Daemon | None = None  # stopped by us, to be started again
-    dst_proc: asyncio.subprocess.Process | None = None
-    dst_qmp: QMPClient | None = None
-    dst_events: EventListener | None = None
-    migration: dict[str, Any] = field(default_factory=dict)
 
     def emit(self, phase: str, message: str, **figures: int | None) -> None:
         self.on_event(UpgradeEvent(phase, message, **figures))
@@ -121,6 +99,43 @@ class _Run:
             yield
         finally:
             self.phases_ms[name] = round((time.monotonic() - started) * 1e3, 1)
+
+
+class _Undo:
+    """The undo stack of the steps before switchover.
+
+    Each undo runs even if an earlier one failed; failures are collected, so
+    the caller can tell a complete rollback from one the keeper must finish.
+    """
+
+    def __init__(self) -> None:
+        self.stack = contextlib.AsyncExitStack()
+        self.failures: list[str] = []
+
+    def push(self, what: str, undo: Callable[[], Awaitable[object]]) -> None:
+        async def run() -> None:
+            try:
+                await undo()
+            except Exception as e:
+                self.failures.append(f"{what}: {e}")
+        self.stack.push_async_callback(run)
+
+    async def roll_back(self) -> None:
+        await asyncio.shield(self.stack.aclose())
+
+    def drop(self) -> None:
+        """The point of no return: nothing before it may be undone any more."""
+        self.stack.pop_all()
+
+
+def _vm_label(proc: source.SourceProcess) -> str:
+    name = proc.cmdline.first("name")
+    return (name.prop("guest") if name is not None else None) or str(proc.pid)
+
+
+def _vm_key(proc: source.SourceProcess) -> str:
+    uuid = proc.cmdline.first("uuid")
+    return journal.vm_key(uuid.value if uuid is not None else None, proc.pid)
 
 
 async def upgrade(
@@ -147,53 +162,103 @@ async def upgrade(
     LiveUpgradeError subclass naming the cause; before switchover that means
     the VM still runs on the source, untouched. Cancelling the task before
     switchover rolls back; from switchover on, the upgrade completes first.
+    If this process dies, its keeper finishes or rolls back the upgrade.
     `libvirt_adopt` opts in to upgrading a libvirt-managed VM by restarting
     the libvirt daemon around it (libvirt_domain.py, docs/libvirt.md).
     """
-    run = _Run(on_event or (lambda _e: None))
+    progress = _Progress(on_event or (lambda _e: None))
     requested = mode if isinstance(mode, Mode) else parse_mode(mode)
     parsed = [o if isinstance(o, Override) else Override.parse(o) for o in overrides or []]
     if timeout <= 0:
         raise UsageError("--timeout must be positive")
-    _validate_force(frozenset(force or []))
-    try:
-        async with run.phase("inspect", "reading the source VM"):
-            await _inspect(run, source_spec)
-        async with run.phase("plan", "probing the target QEMU and planning"):
-            await _plan(run, Path(target_binary), requested, parsed, bandwidth, downtime_limit,
-                        frozenset(force or []), libvirt_adopt)
+    forced = frozenset(force or [])
+    _validate_force(forced)
+    async with contextlib.AsyncExitStack() as held:  # released however the upgrade ends
+        async with progress.phase("inspect", "reading the source VM"):
+            proc = await asyncio.to_thread(source.resolve, source_spec)
+            managed = libvirt_domain.find(proc.pid)
+            key, label = _vm_key(proc), _vm_label(proc)
+            lock = held.enter_context(journal.claimed(key, label))
+            txn = journal.Journal.begin(key, vm=label, engine_pid=os.getpid())
+            # The keeper starts (Python's own start-up) while we plan; it is armed
+            # from its first instruction, and awaited before the first change.
+            watcher = await Keeper.spawn(txn.path, lock.fd)
+            lock.note_owners(os.getpid(), watcher.pid)
+            ended = True  # nothing changed yet: the transaction ends with this process
+
+            async def close_transaction() -> None:
+                if ended:
+                    txn.remove()
+                await watcher.dismiss(ended)  # not ended: the keeper repairs from the journal
+            held.push_async_callback(close_transaction)
+            client: monitor.Monitor = await _connect_source(proc, managed)
+            held.push_async_callback(_disconnect, client)
+        async with progress.phase("plan", "probing the target QEMU and planning"):
+            rundir = Path(tempfile.mkdtemp(prefix="upgrade-", dir=journal.runtime_base()))
+            held.callback(shutil.rmtree, rundir, ignore_errors=True)
+            report = await _checked_plan(proc, client, Path(target_binary), requested, parsed,
+                                         bandwidth, downtime_limit, forced, rundir, libvirt_adopt)
+        txn.facts.update(keeper_pid=watcher.pid, uuid=report.state.uuid, rundir=str(rundir),
+                         target_binary=str(report.target.path), mode=report.transfer.mode.value
+                         if report.transfer else None,
+                         source={"pid": proc.pid, "create_time": proc.create_time,
+                                 "qmp_path": str(proc.qmp_path),
+                                 "running": report.state.running})
+        undo = _Undo()
         try:
             async with asyncio.timeout(timeout):
-                if run.libvirt is not None:
-                    async with run.phase("libvirt", "stopping the libvirt daemon"):
-                        await _take_from_libvirt(run)
-                async with run.phase("destination", "starting the destination QEMU"):
-                    await _start_destination(run)
-                async with run.phase("transfer", f"transferring state ({run.transfer.mode.value})"):  # type: ignore[union-attr]
-                    await _transfer(run)
-        except TimeoutError:
-            await _rollback(run)
-            raise TransferFailed(f"the upgrade did not reach switchover within {timeout:.0f} s; "
-                                 "the migration was cancelled and the VM runs on the source",
-                                 "raise --timeout, or --bandwidth / --downtime-limit") from None
-        except BaseException:  # errors and cancellation (Ctrl-C, SIGTERM) alike
-            await asyncio.shield(_rollback(run))
+                await watcher.armed()
+                ended = False  # from here on, something has changed until it is undone
+                pause, client = await _pause_libvirt(progress, txn, undo, proc, managed, client)
+                session = SourceSession(proc, report.state, client)
+                held.push_async_callback(session.disconnect)
+                undo.push("disconnect from the source", session.disconnect)  # before libvirt's
+                undo.push("give the source back", session.give_back)
+                async with progress.phase("destination", "starting the destination QEMU"):
+                    destination = await _start_destination(txn, undo, report, rundir, managed)
+                    held.push_async_callback(destination.disconnect)
+                async with progress.phase("transfer", f"transferring state "
+                                          f"({report.transfer.mode.value})"):  # type: ignore[union-attr]
+                    await _transfer(txn, undo, progress, session, destination, report)
+            resumed = _resume(progress, txn, destination, report.state.running)
+            status = await _past_the_point_of_no_return(resumed)
+        except BaseException as e:  # errors, the timeout, cancellation (Ctrl-C, SIGTERM) alike
+            progress.emit("rollback", "rolling back: the VM stays on the source")
+            await undo.roll_back()
+            ended = not undo.failures
+            if isinstance(e, TimeoutError):
+                raise TransferFailed(
+                    f"the upgrade did not reach switchover within {timeout:.0f} s; "
+                    "the migration was cancelled and the VM runs on the source",
+                    "raise --timeout, or --bandwidth / --downtime-limit") from None
+            if undo.failures and isinstance(e, LiveUpgradeError):
+                e.args = (f"{e}; the rollback did not complete ({'; '.join(undo.failures)}): "
+                          "the keeper is repairing it", )
             raise
-        return await _past_the_point_of_no_return(_finish(run))
-    finally:
-        await _release_taps(run)
-        for client in (run.src_qmp, run.dst_qmp):
-            if client is not None:
-                with contextlib.suppress(Exception):
-                    await client.disconnect()
+        # ---- point of no return: the guest runs on the destination from here ----
+        undo.drop()
+        try:
+            result: UpgradeResult = await _past_the_point_of_no_return(_finish(
+                progress, txn, session, destination, report, pause, status))
+        except SwitchoverFailed:
+            ended = True  # the guest runs on the new QEMU; the message says what is left
+            raise
+        ended = True
+        return result
+    raise AssertionError("unreachable")  # for type checkers: the with block returns or raises
 
 
-async def _past_the_point_of_no_return(finish: Awaitable[UpgradeResult]) -> UpgradeResult:
-    """Run the switchover to its end even if cancelled meanwhile.
+async def _disconnect(client: monitor.Monitor) -> None:
+    with contextlib.suppress(Exception):
+        await client.disconnect()
+
+
+async def _past_the_point_of_no_return(finish: Coroutine[Any, Any, Any]) -> Any:
+    """Run a step past the point of no return to its end even if cancelled meanwhile.
 
     Stopping halfway would leave the guest moved but the old QEMU alive or the
     sockets not in place; a cancellation that arrives now is absorbed, and the
-    caller gets the finished upgrade's result.
+    caller gets the finished step's result.
     """
     task = asyncio.ensure_future(finish)
     while True:
@@ -207,91 +272,12 @@ async def _past_the_point_of_no_return(finish: Awaitable[UpgradeResult]) -> Upgr
                 current.uncancel()
 
 
-async def _inspect(run: _Run, spec: str | int) -> None:
-    run.src = await asyncio.to_thread(source.resolve, spec)
-    run.libvirt = libvirt_domain.find(run.src.pid)
-    run.src_qmp = await _connect_source(run.src, run.libvirt)
-
-
 async def _connect_source(proc: source.SourceProcess,
                           managed: libvirt_domain.LibvirtVM | None) -> monitor.Monitor:
     """The source's monitor: through libvirt when libvirt owns it, else the QMP socket."""
     if managed is not None:
         return await asyncio.to_thread(libvirt_domain.LibvirtMonitor, managed)
     return await source.connect_source(proc)
-
-
-@dataclass
-class PlanReport:
-    """What `plan` shows and `upgrade` acts on: the checks, the mode, the destination."""
-
-    vm: source.SourceProcess
-    state: source.SourceState
-    target: target.TargetInfo
-    preflight: Preflight
-    transfer: Transfer | None
-    destination: DestinationPlan | None
-    context: context.SourceContext | None = None
-    # The same destination with the source fds renumbered as the engine holds them.
-    rebuild: Callable[[dict[int, int]], DestinationPlan] | None = None
-
-    @property
-    def ok(self) -> bool:
-        return not self.preflight.failures and self.destination is not None
-
-    def refusal(self) -> Refused:
-        failures = self.preflight.failures
-        lines = [f"{c.name}: {c.detail}" + (f" (fix: {c.fix})" if c.fix else "")
-                 for c in failures]
-        forceable = [c.name for c in failures if c.forceable]
-        fix = "fix the failed checks"
-        if forceable:
-            fix += f"; or accept the risk with --force {' --force '.join(forceable)}"
-        return Refused("preflight checks failed: " + "; ".join(lines), fix)
-
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "ok": self.ok, "pid": self.vm.pid, "name": self.state.name, "uuid": self.state.uuid,
-            "machine": self.state.machine, "source_version": str(self.state.version),
-            "target_version": str(self.target.version), "target_binary": str(self.target.path),
-            "mode": self.preflight.mode.value if self.preflight.mode else None,
-            "mode_reason": self.preflight.reason,
-            "checks": [c.to_json() for c in self.preflight.checks],
-            "destination_argv": self.destination.argv if self.destination else None,
-            "relocations": [{"private": str(r.private), "original": str(r.original),
-                             "kind": r.kind} for r in self.destination.relocations]
-            if self.destination else [],
-            "inherited_fds": self.destination.inherited_fds if self.destination else [],
-            "handed_over": self.destination.handed_over if self.destination else [],
-        }
-
-    def render(self) -> str:
-        lines = [f"plan for {self.state.name or self.state.uuid} (PID {self.vm.pid}): "
-                 f"QEMU {self.state.version} -> {self.target.version} at {self.target.path}",
-                 f"mode: {self.preflight.mode.value if self.preflight.mode else 'none'}"
-                 f"{' (' + self.preflight.reason + ')' if self.preflight.reason else ''}",
-                 "checks:"]
-        for c in self.preflight.checks:
-            verdict = "PASS" if c.ok else ("FORCED" if c.forced else "FAIL")
-            lines.append(f"  {verdict:<6} {c.name:<26} {c.detail}")
-            if c.fix and not c.ok:
-                lines.append(f"  {'':<6} {'':<26} fix: {c.fix}"
-                             + ("" if c.forceable else " (cannot be forced)"))
-        if self.destination:
-            lines += ["destination command line (the run folder is created at upgrade time):",
-                      "  " + shlex.join(self.destination.argv)]
-            if self.destination.inherited_fds:
-                lines.append("fd=N above are the old QEMU's descriptors "
-                             f"{', '.join(map(str, self.destination.inherited_fds))}, "
-                             "duplicated (pidfd_getfd) and passed at start:")
-                lines += [f"  {item}" for item in self.destination.handed_over]
-            if self.destination.relocations:
-                lines.append("moved into place after the old QEMU exits:")
-                lines += [f"  {r.private} -> {r.original}" for r in self.destination.relocations]
-        lines.append("verdict: " + ("the upgrade can proceed" if self.ok else
-                                    "the upgrade would be refused"))
-        return "\n".join(lines)
 
 
 async def plan(source_spec: str | int, target_binary: str | Path, *,
@@ -350,7 +336,7 @@ async def make_plan(proc: source.SourceProcess, client: monitor.Monitor, binary:
                                      downtime_limit_ms=downtime_limit)
         rebuild = functools.partial(
             build_destination, proc.argv, target_binary=info.path, machine=state.machine,
-            mode=pf.mode, rundir=rundir or runtime_base() / "upgrade-PLAN",
+            mode=pf.mode, rundir=rundir or journal.runtime_base() / "upgrade-PLAN",
             overrides=overrides, token=secrets.token_hex(4), fds=fds,
             target_version=info.version)
         destination = rebuild()
@@ -391,230 +377,95 @@ async def _source_fds(client: monitor.Monitor, proc: source.SourceProcess
     return fds, await asyncio.to_thread(fdpass.can_take_fds, proc.pid)
 
 
-async def _plan(run: _Run, binary: Path, requested: Mode, overrides: list[Override],
-                bandwidth: float | None, downtime_limit: int, forced: frozenset[str],
-                libvirt_adopt: bool) -> None:
-    assert run.src and run.src_qmp
-    rundir = Path(tempfile.mkdtemp(prefix="upgrade-", dir=runtime_base()))
-    try:
-        report = await make_plan(run.src, run.src_qmp, binary, requested=requested,
-                                 overrides=overrides, bandwidth=bandwidth,
-                                 downtime_limit=downtime_limit, forced=forced, rundir=rundir,
-                                 libvirt_adopt=libvirt_adopt)
-        if not report.ok:
-            first = report.preflight.failures[0] if report.preflight.failures else None
-            if first is not None and first.name == "target-arch":
-                raise TargetBinaryError(first.detail, first.fix)
-            raise report.refusal()
-    except BaseException:
-        shutil.rmtree(rundir, ignore_errors=True)
-        raise
-    run.rundir, run.state, run.info = rundir, report.state, report.target
-    run.transfer, run.plan = report.transfer, report.destination
-    run.rebuild, run.context = report.rebuild, report.context
-    assert run.transfer is not None
-    run.emit("plan", f"mode {run.transfer.mode.value}: {run.transfer.reason}")
+async def _checked_plan(proc: source.SourceProcess, client: monitor.Monitor, binary: Path,
+                        requested: Mode, overrides: list[Override], bandwidth: float | None,
+                        downtime_limit: int, forced: frozenset[str], rundir: Path,
+                        libvirt_adopt: bool) -> PlanReport:
+    """make_plan, refusing unless every check passed (or was forced)."""
+    report = await make_plan(proc, client, binary, requested=requested, overrides=overrides,
+                             bandwidth=bandwidth, downtime_limit=downtime_limit, forced=forced,
+                             rundir=rundir, libvirt_adopt=libvirt_adopt)
+    if not report.ok:
+        first = report.preflight.failures[0] if report.preflight.failures else None
+        if first is not None and first.name == "target-arch":
+            raise TargetBinaryError(first.detail, first.fix)
+        raise report.refusal()
+    return report
 
 
-async def _take_from_libvirt(run: _Run) -> None:
-    """Stop the libvirt daemon and talk to the source's monitor ourselves.
+async def _pause_libvirt(progress: _Progress, txn: journal.Journal, undo: _Undo,
+                         proc: source.SourceProcess, managed: libvirt_domain.LibvirtVM | None,
+                         client: monitor.Monitor
+                         ) -> tuple[libvirt_domain.LibvirtPause | None, monitor.Monitor]:
+    """For a libvirt VM: stop the daemon, and talk to the source's monitor ourselves.
 
-    With the daemon down nobody can start a second copy of the VM, and no
-    daemon sees the old QEMU exit after switchover (it would clean up under
-    the guest). The monitor is taken before the destination starts, because
-    the destination will serve the same listening socket.
+    The monitor is taken before the destination starts, because the
+    destination will serve the same listening socket. Returns the pause (None
+    for other VMs) and the source's monitor to use from now on.
     """
-    assert run.src and run.src_qmp
-    daemon = libvirt_domain.Daemon.find()
-    if daemon is None:
-        raise libvirt_domain.LibvirtError("the libvirt daemon disappeared during the upgrade")
-    await run.src_qmp.disconnect()
-    run.src_qmp = None
-    run.daemon = daemon
-    await daemon.stop()
-    run.src_qmp = await monitor.connect_new(run.src.qmp_path, f"source-{run.src.pid}")
+    if managed is None:
+        return None, client
+    async with progress.phase("libvirt", "stopping the libvirt daemon"):
+        pause = libvirt_domain.LibvirtPause.prepare(managed)
+        txn.record("libvirt-stopping", libvirt=pause.to_json())
+        await client.disconnect()  # libvirt's pass-through: its daemon is going away
+        running = bool(txn.facts["source"]["running"])
+        undo.push("start the libvirt daemon", lambda: pause.give_back(proc.pid, running))
+        await pause.stop()
+        return pause, await monitor.connect_new(proc.qmp_path, f"source-{proc.pid}")
 
 
-async def _give_back_to_libvirt(run: _Run) -> None:
-    """Rollback: start the daemon again on the untouched status; it finds the source."""
-    if run.daemon is None or run.libvirt is None or run.src is None:
-        return
-    if run.src_qmp is not None:
-        with contextlib.suppress(Exception):
-            await run.src_qmp.disconnect()
-        run.src_qmp = None
-    daemon, run.daemon = run.daemon, None
-    await daemon.start()
-    running = run.state.running if run.state else True
-    await (await libvirt_domain.wait_running_on(run.libvirt, run.src.pid, running)).disconnect()
-
-
-async def _adopt(run: _Run) -> list[str]:
-    """After switchover: point libvirt's status at the new QEMU and start the daemon."""
-    assert run.libvirt and run.daemon and run.dst_proc and run.info and run.state
-    libvirt_domain.point_status_at(run.libvirt, run.dst_proc.pid, str(run.info.path))
-    daemon, run.daemon = run.daemon, None
-    await daemon.start()
-    mon = await libvirt_domain.wait_running_on(run.libvirt, run.dst_proc.pid, run.state.running)
+async def _start_destination(txn: journal.Journal, undo: _Undo, report: PlanReport,
+                             rundir: Path, managed: libvirt_domain.LibvirtVM | None
+                             ) -> Destination:
+    """Start the new QEMU paused on duplicates of the source's taps and listening sockets."""
+    assert report.destination and report.rebuild and report.context and report.transfer
+    src, transfer = report.vm, report.transfer
+    taken = fdpass.take_fds(src.pid, report.destination.inherited_fds)
     try:
-        version = await monitor.execute(mon, "query-version", what="the new QEMU via libvirt")
-    finally:
-        await mon.disconnect()
-    q = version["qemu"]
-    return [f"libvirt: {run.libvirt.describe()} adopted by {daemon.name}: running on PID "
-            f"{run.dst_proc.pid}, QEMU {q['major']}.{q['minor']}.{q['micro']} answers "
-            "through libvirt"]
-
-
-async def _start_destination(run: _Run) -> None:
-    assert run.plan and run.transfer and run.rundir and run.src and run.rebuild and run.context
-    # The source's taps and listening sockets, duplicated into this process and
-    # passed to the destination under the numbers we hold them by.
-    taken = fdpass.take_fds(run.src.pid, run.plan.inherited_fds)
-    joiner: context.Joiner | None = None
-    try:
-        plan = run.plan = run.rebuild(taken)
-        transfer = run.transfer
-        for rel in plan.relocations:
-            rel.private.parent.mkdir(mode=0o700, exist_ok=True)
-        _own_by(run.context, [run.rundir, *(rel.private.parent for rel in plan.relocations)])
-        joiner = context.Joiner(run.context)
-        log = _destination_stderr(run)
-        if plan.tap_fds:
-            guard = fdpass.VnetHeaderGuard([taken[fd] for fd in plan.tap_fds])
-            run.tap_guard = asyncio.ensure_future(_hold(guard))
+        # The same plan, with the descriptors numbered as this process holds them.
+        plan = report.rebuild(taken)
+        private_dirs = [rel.private.parent for rel in plan.relocations]
+        for folder in private_dirs:
+            folder.mkdir(mode=0o700, exist_ok=True)
+        undo.push("remove private paths",
+                  lambda: asyncio.to_thread(_remove_all, private_dirs))
+        _own_by(report.context, [rundir, *private_dirs])
+        destination = Destination(plan, rundir)
+        undo.push("kill the destination", destination.kill)
+        vnc = plan.vnc
+        txn.record("destination-starting", relocations=[
+            {"private": str(r.private), "original": str(r.original), "kind": r.kind}
+            for r in plan.relocations],
+            vnc={"display": vnc.display, "address": vnc.address} if vnc else None)
+        log, log_fd = DestinationLog.open(plan, rundir, src.pid,
+                                          managed.log_path if managed else None)
         try:
-            run.dst_proc = await asyncio.create_subprocess_exec(
-                *plan.argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                env=target.clean_env(run.src.environ if run.libvirt else None),
-                start_new_session=True, umask=0o077,
-                pass_fds=list(taken.values()), preexec_fn=joiner.preexec())
-        except (OSError, subprocess.SubprocessError) as e:
-            raise DestinationFailed(f"cannot start {plan.argv[0]}: {e}") from e
+            await destination.start(taken, report.context,
+                                    target.clean_env(src.environ if managed else None),
+                                    log, log_fd)
         finally:
-            os.close(log)
+            os.close(log_fd)
     finally:
         fdpass.close_all(taken.values())
-        if joiner is not None:
-            joiner.close()
+    txn.record("destination-started", destination={
+        "pid": destination.pid, "create_time": procs.create_time(destination.pid),
+        "qmp_path": str(plan.qmp_path)})
     if transfer.mode is Mode.CPR_TRANSFER:
         assert plan.cpr_path
-        await _wait_for_path(run, plan.cpr_path)  # its monitor waits for the cpr channel
-        await _release_taps(run)  # it opens its netdevs only after the source has stopped
-        return
-    await _connect_destination(run)
-    await _release_taps(run)  # its netdevs are set up: only loading the NIC touches them now
-    await monitor.execute(run.dst_qmp, "migrate-incoming",  # type: ignore[arg-type]
+        await destination.wait_for_path(plan.cpr_path)  # its monitor waits for the cpr channel
+        await destination.release_taps()  # it opens its netdevs only after the source stopped
+        return destination
+    await destination.connect(transfer.target_caps, transfer.target_params)
+    await destination.release_taps()  # netdevs set up: only loading the NIC touches them now
+    await monitor.execute(destination.qmp, "migrate-incoming",  # type: ignore[arg-type]
                           {"uri": f"unix:{plan.migrate_path}"}, what="destination")
+    return destination
 
 
-async def _wait_for_path(run: _Run, path: Path) -> None:
-    assert run.dst_proc
-    deadline = time.monotonic() + DESTINATION_START_TIMEOUT
-    while not path.exists():
-        if run.dst_proc.returncode is not None:
-            raise DestinationFailed(f"the destination QEMU exited with {run.dst_proc.returncode}: "
-                                    f"{_destination_log(run)}",
-                                    "the VM still runs on the source; fix the cause and retry")
-        if time.monotonic() > deadline:
-            raise DestinationFailed(f"the destination did not open {path} within "
-                                    f"{DESTINATION_START_TIMEOUT:.0f} s: {_destination_log(run)}")
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(asyncio.shield(run.dst_proc.wait()), 0.002)
-
-
-async def _connect_destination(run: _Run) -> None:
-    assert run.plan and run.transfer
-    await _wait_for_path(run, run.plan.qmp_path)
-    try:
-        run.dst_qmp = await monitor.connect_new(run.plan.qmp_path, "destination")
-    except MonitorError as e:
-        # Usually the destination died right after opening its monitor: say why.
-        assert run.dst_proc
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(asyncio.shield(run.dst_proc.wait()), 2)
-        raise DestinationFailed(f"the destination QEMU's monitor failed ({e}): "
-                                f"{_destination_log(run)}",
-                                "the VM still runs on the source; fix the cause and retry") from e
-    run.dst_events = EventListener(("MIGRATION",))
-    run.dst_qmp.register_listener(run.dst_events)
-    await _set_migration(run.dst_qmp, run.transfer.target_caps, run.transfer.target_params,
-                         "destination")
-
-
-async def _set_migration(client: monitor.Monitor, caps: dict[str, bool], params: dict[str, Any],
-                         side: str) -> None:
-    if caps:
-        await monitor.execute(client, "migrate-set-capabilities", {"capabilities": [
-            {"capability": k, "state": v} for k, v in caps.items()]}, what=side)
-    if params:
-        await monitor.execute(client, "migrate-set-parameters", params, what=side)
-
-
-def _qmp(client: monitor.Monitor | QMPClient | None) -> Any:
-    """A client whose replies are typed Any: QMP replies are JSON of the command's shape."""
-    assert client is not None
-    return client
-
-
-async def _hold(guard: fdpass.VnetHeaderGuard) -> None:
-    try:
-        await guard.hold()
-    finally:
-        guard.close()
-
-
-async def _release_taps(run: _Run) -> None:
-    """Stop guarding the taps' header size (after a last check).
-
-    Once the destination's monitor answers, its netdevs are initialised; it
-    changes the size again only when it loads the NIC's state, to the value
-    the source uses. Polling longer would only take CPU from the two QEMUs.
-    """
-    if run.tap_guard is not None:
-        run.tap_guard.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await run.tap_guard
-        run.tap_guard = None
-
-
-def _destination_stderr(run: _Run) -> int:
-    """Where the destination's stdout/stderr go, and where _destination_log reads them.
-
-    A libvirt VM's QEMU writes to virtlogd through a pipe: the destination
-    gets the same pipe (the domain's log goes on), read back from the log
-    file virtlogd writes. With -D, the -D file (appended). Else a run-folder log.
-    """
-    assert run.plan and run.rundir and run.src
-    if run.libvirt is not None:
-        with contextlib.suppress(fdpass.FdAccessError, OSError):
-            (fd,) = fdpass.take_fds(run.src.pid, [2]).values()
-            run.stderr_path = run.libvirt.log_path
-            run.stderr_offset = run.stderr_path.stat().st_size
-            return fd
-    run.stderr_path = run.plan.log_path or run.rundir / "destination.log"
-    fd = os.open(run.stderr_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
-    run.stderr_offset = os.fstat(fd).st_size
-    return fd
-
-
-def _settle(path: Path, quiet: float = 0.1, limit: float = 1.0) -> None:
-    """Wait (briefly) until a log another process writes stops growing.
-
-    virtlogd copies the QEMU's stderr into the domain log asynchronously: the
-    reason a destination failed may land a moment after the failure is seen.
-    Only called on the way to reporting an error.
-    """
-    deadline = time.monotonic() + limit
-    last, still_since = -1, time.monotonic()
-    while time.monotonic() < deadline:
-        with contextlib.suppress(OSError):
-            size = path.stat().st_size
-            if size != last:
-                last, still_since = size, time.monotonic()
-            elif time.monotonic() - still_since >= quiet:
-                return
-        time.sleep(0.02)
+def _remove_all(folders: list[Path]) -> None:
+    for folder in folders:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _own_by(ctx: context.SourceContext, dirs: list[Path]) -> None:
@@ -624,230 +475,172 @@ def _own_by(ctx: context.SourceContext, dirs: list[Path]) -> None:
             os.chown(d, ctx.uid, ctx.gid)
 
 
-def _destination_log(run: _Run) -> str:
-    """What the destination wrote to stderr since it started (its reason for failing)."""
-    if run.stderr_path is None:
-        return ""
-    if run.libvirt is not None:
-        _settle(run.stderr_path)
-    with contextlib.suppress(OSError):
-        with run.stderr_path.open("rb") as f:
-            f.seek(run.stderr_offset)
-            text = f.read().decode(errors="replace").strip()
-        return text[-800:] or "(no output)"
-    return "(no output)"
-
-
-async def _transfer(run: _Run) -> None:
-    plan, transfer, src_qmp = run.plan, run.transfer, run.src_qmp
-    assert plan and transfer and src_qmp and run.dst_proc
-    await _set_migration(src_qmp, transfer.source_caps, transfer.source_params, "source")
+async def _transfer(txn: journal.Journal, undo: _Undo, progress: _Progress,
+                    session: SourceSession, destination: Destination, report: PlanReport) -> None:
+    assert report.transfer
+    plan, transfer = destination.plan, report.transfer
+    session.note_migration(transfer.source_caps, transfer.source_params)
+    txn.record("migrating", source_caps=session.caps, params_before=session.params_before,
+               target_caps=list(transfer.target_caps))
+    undo.push("cancel the migration", session.cancel_migration)
+    await session.set_migration(transfer.source_caps, transfer.source_params)
     main = {"transport": "socket", "type": "unix", "path": str(plan.migrate_path)}
     if transfer.mode is Mode.CPR_TRANSFER:
         assert plan.cpr_path
         cpr = {"transport": "socket", "type": "unix", "path": str(plan.cpr_path)}
-        await monitor.execute(src_qmp, "migrate", {"channels": [
+        await monitor.execute(session.client, "migrate", {"channels": [
             {"channel-type": "main", "addr": main}, {"channel-type": "cpr", "addr": cpr}]},
             what="source")
-        await _connect_destination(run)
-        await monitor.execute(run.dst_qmp, "migrate-incoming",  # type: ignore[arg-type]
+        await destination.connect(transfer.target_caps, transfer.target_params)
+        await monitor.execute(destination.qmp, "migrate-incoming",  # type: ignore[arg-type]
                               {"channels": [{"channel-type": "main", "addr": main}]},
                               what="destination")
     else:
-        await monitor.execute(src_qmp, "migrate", {"uri": f"unix:{plan.migrate_path}"},
+        await monitor.execute(session.client, "migrate", {"uri": f"unix:{plan.migrate_path}"},
                               what="source")
-    await _await_completion(run)
+    await _await_completion(progress, session, destination)
 
 
-async def _await_completion(run: _Run) -> None:
+async def _await_completion(progress: _Progress, session: SourceSession,
+                            destination: Destination) -> None:
     """Follow the migration until the destination has loaded the whole VM state.
 
     The destination's MIGRATION event says "completed" the moment it can run
     the guest; reacting to it (not to a poll) keeps the guest's pause short.
-    The source is polled for progress and for QEMU's reason when it fails.
+    The source is polled for progress. When the migration fails, the cause
+    quoted is the dying side's own: the destination's log if it exited (it
+    rejected the stream), else the source's error.
     """
-    assert run.src_qmp and run.dst_proc and run.dst_events
+    assert destination.events is not None
     next_poll = 0.0
     while True:
         with contextlib.suppress(TimeoutError):
-            event = await asyncio.wait_for(run.dst_events.get(), PROGRESS_INTERVAL)
+            event = await asyncio.wait_for(destination.events.get(), PROGRESS_INTERVAL)
             data: Any = dict(event).get("data") or {}
             status = data.get("status")
             if status == "completed":
                 return
             if status == "failed":
                 raise DestinationFailed("the destination failed to load the VM state: "
-                                        f"{_destination_log(run)}")
-        if run.dst_proc.returncode is not None:
+                                        f"{destination.why()}")
+        if destination.exited is not None:
             raise DestinationFailed(f"the destination QEMU exited during the transfer with "
-                                    f"{run.dst_proc.returncode}: {_destination_log(run)}")
+                                    f"{destination.exited}: {destination.why()}")
         if time.monotonic() < next_poll:
             continue
         next_poll = time.monotonic() + PROGRESS_INTERVAL
-        info = await monitor.execute(run.src_qmp, "query-migrate", what="source")
+        info = await monitor.execute(session.client, "query-migrate", what="source")
         src_status = info.get("status")
         ram = info.get("ram") or {}
-        run.emit("progress", f"migration {src_status}", ram_transferred=ram.get("transferred"),
-                 ram_total=ram.get("total"))
+        progress.emit("progress", f"migration {src_status}",
+                      ram_transferred=ram.get("transferred"), ram_total=ram.get("total"))
         if src_status in ("failed", "cancelled"):
-            detail = info.get("error-desc") or _destination_log(run)
-            raise TransferFailed(f"the migration {src_status}: {detail}",
+            dying = await destination.failure()
+            if dying is not None:
+                raise DestinationFailed(f"the destination rejected the VM state: {dying}",
+                                        "the VM still runs on the source; see the cause above")
+            raise TransferFailed(f"the migration {src_status}: "
+                                 f"{info.get('error-desc') or 'QEMU gave no reason'}",
                                  "the VM still runs on the source; see the cause above")
 
 
-async def _rollback(run: _Run) -> None:
-    """Undo everything before switchover: the source runs as before, the destination is gone."""
-    run.emit("rollback", "rolling back: the VM stays on the source")
-    if run.src_qmp is not None and run.state is not None:
-        with contextlib.suppress(Exception):
-            info = await _qmp(run.src_qmp).execute("query-migrate")
-            if info.get("status") in ACTIVE_STATES:
-                await _qmp(run.src_qmp).execute("migrate_cancel")
-                for _ in range(200):
-                    info = await _qmp(run.src_qmp).execute("query-migrate")
-                    if info.get("status") not in ACTIVE_STATES:
-                        break
-                    await asyncio.sleep(0.01)
-    await _kill_destination(run)
-    await _release_taps(run)
-    await _restore_source_settings(run)
-    _remove_private_paths(run)
-    await _give_back_to_libvirt(run)
+async def _resume(progress: _Progress, txn: journal.Journal, destination: Destination,
+                  running: bool) -> dict[str, Any]:
+    """The switchover: resume the guest on the destination (if it ran on the source).
 
-
-async def _restore_source_settings(run: _Run) -> None:
-    """The source runs as before the upgrade: resumed, capabilities and parameters back."""
-    if run.src_qmp is not None and run.state is not None:
-        with contextlib.suppress(Exception):
-            status = await _qmp(run.src_qmp).execute("query-status")
-            if run.state.running and not status["running"]:
-                await _qmp(run.src_qmp).execute("cont")
-        with contextlib.suppress(Exception):
-            await _qmp(run.src_qmp).execute("migrate-set-capabilities", {"capabilities": [
-                {"capability": k, "state": False}
-                for k in (run.transfer.source_caps if run.transfer else {}) if k != "events"]})
-        # Give the source back the migration parameters it had (mode, bandwidth, ...),
-        # so whatever migrates it next does not inherit ours.
-        if run.transfer is not None:
-            before = run.state.parameters
-            restore = {k: before[k] for k in run.transfer.source_params if k in before}
-            with contextlib.suppress(Exception):
-                await _qmp(run.src_qmp).execute("migrate-set-parameters", restore)
-
-
-async def _kill_destination(run: _Run) -> None:
-    if run.dst_qmp is not None:
-        with contextlib.suppress(Exception):
-            await run.dst_qmp.disconnect()
-        run.dst_qmp = None
-    proc = run.dst_proc
-    if proc is not None and proc.returncode is None:
-        with contextlib.suppress(ProcessLookupError):
-            proc.send_signal(signal.SIGKILL)
-        await proc.wait()
-
-
-def _remove_private_paths(run: _Run) -> None:
-    if run.plan is not None:
-        for rel in run.plan.relocations:
-            shutil.rmtree(rel.private.parent, ignore_errors=True)
-    if run.rundir is not None:
-        shutil.rmtree(run.rundir, ignore_errors=True)
-
-
-async def _finish(run: _Run) -> UpgradeResult:
-    """Switchover, then retire the source and move the destination's paths into place."""
-    assert run.src and run.state and run.src_qmp and run.dst_proc and run.plan and run.transfer
-    assert run.info and run.dst_qmp
-    async with run.phase("switchover", "resuming the guest on the destination"):
-        if run.state.running:
+    Recorded before `cont` is sent: from here a repair asks the destination
+    itself whether it holds the VM. A `cont` QEMU refuses means the
+    destination never ran the guest: the caller rolls back.
+    """
+    async with progress.phase("switchover", "resuming the guest on the destination"):
+        txn.record("switchover")
+        if running:
             try:
-                await monitor.execute(run.dst_qmp, "cont", what="destination")
-            except (MonitorError, ConnectionError) as e:
-                # The destination never ran the guest: the source can still take it back.
-                await _rollback(run)
+                await monitor.execute(destination.qmp, "cont",  # type: ignore[arg-type]
+                                      what="destination")
+            except MonitorError as e:
                 raise TransferFailed(f"the destination would not resume the guest: {e}; "
                                      "the VM runs on the source") from e
-        # ---- point of no return: the guest lives in the destination from here ----
-        status = await _qmp(run.dst_qmp).execute("query-status")
-    run.migration = await _qmp(run.src_qmp).execute("query-migrate")
-    vnc_fds = _take_vnc(run)
-    async with run.phase("retire", "stopping the old QEMU"):
-        await _retire_source(run)
-    async with run.phase("relocate", "moving sockets, display and pidfile into place"):
-        notes = await _hand_over_vnc(run, vnc_fds)
-        moved = _relocate(run)
-    if run.libvirt is not None:
-        async with run.phase("adopt", "handing the new QEMU back to libvirt"):
-            notes += await _adopt(run)
-    m = run.migration
+        status: dict[str, Any] = await monitor.execute(
+            destination.qmp, "query-status", what="destination")  # type: ignore[arg-type]
+        txn.record("resumed")
+        return status
+
+
+async def _finish(progress: _Progress, txn: journal.Journal, session: SourceSession,
+                  destination: Destination, report: PlanReport,
+                  pause: libvirt_domain.LibvirtPause | None,
+                  status: dict[str, Any]) -> UpgradeResult:
+    """Past the point of no return: retire the source, put its paths and display in place."""
+    plan, state, proc = destination.plan, report.state, report.vm
+    assert report.transfer
+    migration: dict[str, Any] = await monitor.execute(session.client, "query-migrate",
+                                                      what="source")
+    vnc_fds = _take_vnc(plan, proc.pid)
+    async with progress.phase("retire", "stopping the old QEMU"):
+        await session.disconnect()
+        killed_at = time.monotonic()
+        await retire_source(proc.pid, proc.create_time)
+    async with progress.phase("relocate", "moving sockets, display and pidfile into place"):
+        txn.record("relocating")
+        notes = await _hand_over_vnc(destination, vnc_fds)
+        moved, failed = move_into_place(plan.relocations, killed_at)
+        await reset_capabilities(destination.qmp,  # type: ignore[arg-type]
+                                 list(report.transfer.target_caps), "destination")
+    if pause is not None:
+        async with progress.phase("adopt", "handing the new QEMU back to libvirt"):
+            txn.record("adopting")
+            notes += await pause.adopt(destination.pid, str(report.target.path), state.running)
+    if failed:
+        raise SwitchoverFailed(
+            "the guest runs on the new QEMU, but these paths could not be moved into place: "
+            + "; ".join(failed), "move them by hand; the new QEMU listens on the private paths")
+    m = migration
     return UpgradeResult(
-        name=run.state.name, uuid=run.state.uuid, machine=run.state.machine,
-        mode=run.transfer.mode.value, mode_reason=run.transfer.reason,
-        source_pid=run.src.pid, destination_pid=run.dst_proc.pid,
-        source_version=str(run.state.version), target_version=str(run.info.version),
-        target_binary=str(run.info.path), guest_running=bool(status["running"]),
+        name=state.name, uuid=state.uuid, machine=state.machine,
+        mode=report.transfer.mode.value, mode_reason=report.transfer.reason,
+        source_pid=proc.pid, destination_pid=destination.pid,
+        source_version=str(state.version), target_version=str(report.target.version),
+        target_binary=str(report.target.path), guest_running=bool(status["running"]),
         downtime_ms=m.get("downtime"), total_time_ms=m.get("total-time"),
         setup_time_ms=m.get("setup-time"),
         ram_transferred_bytes=(m.get("ram") or {}).get("transferred"),
         bytes_transferred=(m.get("ram") or {}).get("total"),
-        phases_ms=dict(run.phases_ms), destination_argv=run.plan.argv, moved_paths=moved,
-        handed_over=run.plan.handed_over + notes)
+        phases_ms=dict(progress.phases_ms), destination_argv=plan.argv, moved_paths=moved,
+        handed_over=plan.handed_over + notes)
 
 
-async def _retire_source(run: _Run) -> None:
-    """Kill the old QEMU: after switchover it owns nothing the guest needs.
-
-    It is killed, not asked to `quit`, because a clean exit undoes what the
-    new QEMU now shares with it: QEMU unlinks the paths of its listening
-    sockets (the same sockets the destination now serves), runs tap
-    downscripts (unplugging the tap from its bridge), and honours
-    discard-data on shared RAM. Its disks were flushed and released when the
-    migration completed.
-    """
-    assert run.src and run.src_qmp
-    with contextlib.suppress(Exception):
-        await run.src_qmp.disconnect()
-    run.src_qmp = None
-    with contextlib.suppress(psutil.Error):
-        psutil.Process(run.src.pid).kill()
-    run.source_killed_at = time.monotonic()
-    await _wait_gone(run.src.pid, SOURCE_EXIT_TIMEOUT)
-
-
-def _take_vnc(run: _Run) -> dict[int, int]:
+def _take_vnc(plan: DestinationPlan, source_pid: int) -> dict[int, int]:
     """Duplicate the source's VNC listening sockets before it is killed."""
-    assert run.plan and run.src
-    vnc = run.plan.vnc
+    vnc = plan.vnc
     if vnc is None or not vnc.source_fds:
         return {}
     try:
-        return fdpass.take_fds(run.src.pid, list(vnc.source_fds))
+        return fdpass.take_fds(source_pid, list(vnc.source_fds))
     except fdpass.FdAccessError:
         return {}  # fall back to rebinding the address once the source is gone
 
 
-async def _hand_over_vnc(run: _Run, taken: dict[int, int]) -> list[str]:
+async def _hand_over_vnc(destination: Destination, taken: dict[int, int]) -> list[str]:
     """Point the destination's VNC at the source's listening sockets (or its address).
 
     Past the point of no return: a failure is reported, never raised, since
     the guest runs on the destination whatever happens to the display.
     """
-    vnc = run.plan.vnc if run.plan else None
-    if vnc is None:
+    vnc, client = destination.plan.vnc, destination.qmp
+    if vnc is None or client is None:
         return []
-    client = _qmp(run.dst_qmp)
-    addresses: list[dict[str, Any]] = []
     try:
+        if not taken:
+            return [await rebind_vnc(client, vnc.display, vnc.address)]
+        names = []
         for index, fd in enumerate(taken.values()):
             name = f"liveupgrade-vnc{index}"
             client.send_fd_scm(fd)
             await client.execute("getfd", {"fdname": name})
-            addresses.append({"type": "fd", "str": name})
-        how = "took over the source's listening socket(s)" if addresses else "rebound"
-        await client.execute("display-update", {"type": "vnc",
-                                                "addresses": addresses or [vnc.address]})
-        return [f"VNC {vnc.display}: {how}"]
+            names.append({"type": "fd", "str": name})
+        await client.execute("display-update", {"type": "vnc", "addresses": names})
+        return [f"VNC {vnc.display}: took over the source's listening socket(s)"]
     except Exception as e:
         return [f"VNC {vnc.display}: NOT handed over ({e}); the display stays on the "
                 "destination's private socket"]
@@ -855,46 +648,4 @@ async def _hand_over_vnc(run: _Run, taken: dict[int, int]) -> list[str]:
         fdpass.close_all(taken.values())
 
 
-async def _wait_gone(pid: int, timeout: float) -> bool:
-    """Wait for a process to exit without reaping it (its parent may be waiting on it)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
-                return True
-        except psutil.NoSuchProcess:
-            return True
-        await asyncio.sleep(0.005)
-    return False
-
-
-def _relocate(run: _Run) -> list[str]:
-    """Put the sockets that could not be handed over, and the pidfile, where the source had them.
-
-    A socket moved here had no listener at its path from the moment the old
-    QEMU died until the rename: that gap is reported with the path.
-    """
-    assert run.plan
-    moved, failed = [], []
-    for rel in run.plan.relocations:
-        try:
-            os.replace(rel.private, rel.original)
-            note = ""
-            if rel.kind != "pidfile" and run.source_killed_at is not None:
-                gap_ms = (time.monotonic() - run.source_killed_at) * 1e3
-                note = f" (rebound: no listener for {gap_ms:.1f} ms)"
-            moved.append(f"{rel.original}{note}")
-        except OSError as e:
-            failed.append(f"{rel.private} -> {rel.original}: {e.strerror}")
-        with contextlib.suppress(OSError):
-            rel.private.parent.rmdir()
-    if run.rundir is not None:
-        shutil.rmtree(run.rundir, ignore_errors=True)
-    if failed:
-        raise SwitchoverFailed(
-            "the guest runs on the new QEMU, but these paths could not be moved into place: "
-            + "; ".join(failed), "move them by hand; the new QEMU listens on the private paths")
-    return moved
-
-
-__all__ = ["LiveUpgradeError", "UpgradeEvent", "UpgradeResult", "upgrade"]
+__all__ = ["LiveUpgradeError", "PlanReport", "UpgradeEvent", "UpgradeResult", "plan", "upgrade"]

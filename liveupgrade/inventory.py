@@ -16,7 +16,7 @@ from typing import Any
 
 import psutil
 
-from liveupgrade import libvirt_domain, monitor, source
+from liveupgrade import journal, libvirt_domain, monitor, source
 from liveupgrade.cmdline import CommandLine
 from liveupgrade.endpoints import qmp_paths
 from liveupgrade.handover import fd_qmp_paths
@@ -43,6 +43,7 @@ class VMInfo:
     managed_by: str | None = None  # "libvirt: NAME on URI"
     libvirt_domain: str | None = None
     libvirt_uri: str | None = None
+    upgrade: str | None = None  # an upgrade in progress or interrupted (journal.describe)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -110,7 +111,8 @@ async def _version(path: str | None) -> QemuVersion | None:
     return None
 
 
-async def describe(proc: psutil.Process) -> VMInfo | None:
+async def describe(proc: psutil.Process,
+                   transactions: list[journal.Journal] | None = None) -> VMInfo | None:
     try:
         argv = proc.cmdline()
         exe = os.readlink(f"/proc/{proc.pid}/exe")
@@ -122,6 +124,13 @@ async def describe(proc: psutil.Process) -> VMInfo | None:
     managed = libvirt_domain.find(proc.pid)
     version = await (_libvirt_version(managed) if managed else _version(qmp))
     name_opt, uuid_opt = cmd.first("name"), cmd.first("uuid")
+    transactions = journal.journals() if transactions is None else transactions
+    key = journal.vm_key(uuid_opt.value if uuid_opt else None, proc.pid)
+    as_destination = journal.destination_of(argv, proc.pid, transactions)
+    upgrade = (f"new QEMU of VM {as_destination.label}: {journal.describe(as_destination)}"
+               if as_destination else
+               next((journal.describe(t) for t in transactions
+                     if t.key == key or t.facts.get("source", {}).get("pid") == proc.pid), None))
     reasons = stale_reasons(proc.pid)
     accel = _accel(cmd)
     return VMInfo(
@@ -134,7 +143,7 @@ async def describe(proc: psutil.Process) -> VMInfo | None:
               else "" if qmp else "no QMP unix socket on its command line"),
         managed_by=f"libvirt: {managed.name} on {managed.uri}" if managed else None,
         libvirt_domain=managed.name if managed else None,
-        libvirt_uri=managed.uri if managed else None)
+        libvirt_uri=managed.uri if managed else None, upgrade=upgrade)
 
 
 async def _libvirt_version(vm: libvirt_domain.LibvirtVM) -> QemuVersion | None:
@@ -152,5 +161,6 @@ async def _libvirt_version(vm: libvirt_domain.LibvirtVM) -> QemuVersion | None:
 
 async def list_vms() -> list[VMInfo]:
     procs = await asyncio.to_thread(source.qemu_processes)
-    found = await asyncio.gather(*(describe(p) for p in procs))
+    transactions = journal.journals()
+    found = await asyncio.gather(*(describe(p, transactions) for p in procs))
     return sorted((v for v in found if v is not None), key=lambda v: v.pid)

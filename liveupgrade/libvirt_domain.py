@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import os
 import re
@@ -212,6 +213,68 @@ class Daemon:
             await _run(["systemctl", "start", self.name])
             return
         await _run(self.argv, cwd=self.cwd, env=self.environ)
+
+
+@dataclass
+class LibvirtPause:
+    """The libvirt daemon stopped for one upgrade, and the two ways it comes back.
+
+    Prepared (the daemon found, its argv/cwd/environment noted: the journal
+    records them) before `stop`; `give_back` (rollback: the untouched status
+    still names the source) or `adopt` (after switchover) start it again.
+    Both are idempotent: a daemon already running is not started twice.
+    """
+
+    vm: LibvirtVM
+    daemon: Daemon
+
+    @classmethod
+    def prepare(cls, vm: LibvirtVM) -> LibvirtPause:
+        daemon = Daemon.find()
+        if daemon is None:
+            raise LibvirtError("the libvirt daemon disappeared during the upgrade",
+                               "start it again (libvirtd -d) and retry")
+        return cls(vm, daemon)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"vm": {k: str(v) if isinstance(v, Path) else v
+                       for k, v in dataclasses.asdict(self.vm).items()},
+                "daemon": dataclasses.asdict(self.daemon)}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> LibvirtPause:
+        vm = dict(data["vm"])
+        for key in ("status_path", "pidfile", "log_path"):
+            vm[key] = Path(vm[key])
+        return cls(LibvirtVM(**vm), Daemon(**data["daemon"]))
+
+    async def stop(self) -> None:
+        """With the daemon down nobody can start a second copy of the VM, and no daemon
+        sees the old QEMU exit after switchover (it would clean up under the guest)."""
+        await self.daemon.stop()
+
+    async def _start(self) -> None:
+        if Daemon.find() is None:
+            await self.daemon.start()
+
+    async def give_back(self, pid: int, running: bool) -> None:
+        """Rollback: start the daemon again on the untouched status; it finds the source."""
+        await self._start()
+        await (await wait_running_on(self.vm, pid, running)).disconnect()
+
+    async def adopt(self, pid: int, emulator: str, running: bool) -> list[str]:
+        """After switchover: point libvirt's status at the new QEMU and start the daemon."""
+        point_status_at(self.vm, pid, emulator)
+        await self._start()
+        mon = await wait_running_on(self.vm, pid, running)
+        try:
+            version = await mon.execute("query-version")
+        finally:
+            await mon.disconnect()
+        q: Any = version
+        q = q["qemu"]
+        return [f"libvirt: {self.vm.describe()} adopted by {self.daemon.name}: running on PID "
+                f"{pid}, QEMU {q['major']}.{q['minor']}.{q['micro']} answers through libvirt"]
 
 
 async def _run(argv: list[str], **kwargs: Any) -> None:

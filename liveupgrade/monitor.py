@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
-from qemu.qmp import ConnectError, ExecuteError, QMPClient
+from qemu.qmp import ConnectError, ExecuteError, QMPClient, QMPError
 
 from liveupgrade.errors import MonitorBusy, MonitorError
 
@@ -92,9 +92,17 @@ async def session(path: Path, name: str, new: bool = False) -> AsyncIterator[QMP
 
 async def execute(client: Monitor, cmd: str, args: dict[str, Any] | None = None,
                   what: str = "") -> Any:
-    """Run a QMP command; a QEMU error becomes a MonitorError that quotes it."""
+    """Run a QMP command. Every failure becomes a MonitorError naming its cause:
+    QEMU's refusal quoted, or the connection lost (ExecInterruptedError: usually
+    the QEMU died mid-command), or a client that is no longer connected (StateError)."""
+    where = f" on {what}" if what else ""
     try:
         return await client.execute(cmd, args)
     except ExecuteError as e:
-        where = f" on {what}" if what else ""
         raise MonitorError(f"QEMU refused {cmd}{where}: {e}") from e
+    except QMPError as e:
+        raise MonitorError(f"the QMP connection{where} was lost during {cmd} "
+                           f"({type(e).__name__}: {e}): the QEMU process probably exited",
+                           "see the QEMU's log for why it stopped") from e
+    except (OSError, EOFError) as e:
+        raise MonitorError(f"the QMP connection{where} failed during {cmd}: {e}") from e

@@ -4,9 +4,21 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import shlex
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from liveupgrade.errors import Refused
+
+if TYPE_CHECKING:
+    from liveupgrade.context import SourceContext
+    from liveupgrade.modes import Transfer
+    from liveupgrade.plan import DestinationPlan
+    from liveupgrade.preflight import Preflight
+    from liveupgrade.source import SourceProcess, SourceState
+    from liveupgrade.target import TargetInfo
 
 
 @dataclass(frozen=True)
@@ -77,3 +89,75 @@ def _size(n: int | None) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024  # type: ignore[assignment]
     return str(n)
+
+
+@dataclass
+class PlanReport:
+    """What `plan` shows and `upgrade` acts on: the checks, the mode, the destination."""
+
+    vm: SourceProcess
+    state: SourceState
+    target: TargetInfo
+    preflight: Preflight
+    transfer: Transfer | None
+    destination: DestinationPlan | None
+    context: SourceContext | None = None
+    # The same destination with the source fds renumbered as the engine holds them.
+    rebuild: Callable[[dict[int, int]], DestinationPlan] | None = None
+
+    @property
+    def ok(self) -> bool:
+        return not self.preflight.failures and self.destination is not None
+
+    def refusal(self) -> Refused:
+        failures = self.preflight.failures
+        lines = [f"{c.name}: {c.detail}" + (f" (fix: {c.fix})" if c.fix else "")
+                 for c in failures]
+        forceable = [c.name for c in failures if c.forceable]
+        fix = "fix the failed checks"
+        if forceable:
+            fix += f"; or accept the risk with --force {' --force '.join(forceable)}"
+        return Refused("preflight checks failed: " + "; ".join(lines), fix)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "ok": self.ok, "pid": self.vm.pid, "name": self.state.name, "uuid": self.state.uuid,
+            "machine": self.state.machine, "source_version": str(self.state.version),
+            "target_version": str(self.target.version), "target_binary": str(self.target.path),
+            "mode": self.preflight.mode.value if self.preflight.mode else None,
+            "mode_reason": self.preflight.reason,
+            "checks": [c.to_json() for c in self.preflight.checks],
+            "destination_argv": self.destination.argv if self.destination else None,
+            "relocations": [{"private": str(r.private), "original": str(r.original),
+                             "kind": r.kind} for r in self.destination.relocations]
+            if self.destination else [],
+            "inherited_fds": self.destination.inherited_fds if self.destination else [],
+            "handed_over": self.destination.handed_over if self.destination else [],
+        }
+
+    def render(self) -> str:
+        lines = [f"plan for {self.state.name or self.state.uuid} (PID {self.vm.pid}): "
+                 f"QEMU {self.state.version} -> {self.target.version} at {self.target.path}",
+                 f"mode: {self.preflight.mode.value if self.preflight.mode else 'none'}"
+                 f"{' (' + self.preflight.reason + ')' if self.preflight.reason else ''}",
+                 "checks:"]
+        for c in self.preflight.checks:
+            verdict = "PASS" if c.ok else ("FORCED" if c.forced else "FAIL")
+            lines.append(f"  {verdict:<6} {c.name:<26} {c.detail}")
+            if c.fix and not c.ok:
+                lines.append(f"  {'':<6} {'':<26} fix: {c.fix}"
+                             + ("" if c.forceable else " (cannot be forced)"))
+        if self.destination:
+            lines += ["destination command line (the run folder is created at upgrade time):",
+                      "  " + shlex.join(self.destination.argv)]
+            if self.destination.inherited_fds:
+                lines.append("fd=N above are the old QEMU's descriptors "
+                             f"{', '.join(map(str, self.destination.inherited_fds))}, "
+                             "duplicated (pidfd_getfd) and passed at start:")
+                lines += [f"  {item}" for item in self.destination.handed_over]
+            if self.destination.relocations:
+                lines.append("moved into place after the old QEMU exits:")
+                lines += [f"  {r.private} -> {r.original}" for r in self.destination.relocations]
+        lines.append("verdict: " + ("the upgrade can proceed" if self.ok else
+                                    "the upgrade would be refused"))
+        return "\n".join(lines)

@@ -12,7 +12,7 @@ from typing import Any
 import psutil
 from qemu.qmp import QMPClient
 
-from liveupgrade import monitor
+from liveupgrade import journal, monitor
 from liveupgrade.cmdline import CommandLine, CommandLineError
 from liveupgrade.endpoints import qmp_paths
 from liveupgrade.errors import MonitorError, NotQemu, Refused, SourceNotFound
@@ -109,9 +109,22 @@ def qemu_processes() -> list[psutil.Process]:
 
 
 def resolve(source: str | int) -> SourceProcess:
-    """A PID, a QMP socket path, or a VM's -name, to the process behind it."""
+    """A PID, a QMP socket path, or a VM's -name, to the process behind it.
+
+    The destination of an upgrade in progress has the source's -name and
+    serves its QMP socket, but is never the VM: it is skipped, and naming
+    its PID is refused.
+    """
+    transactions = journal.journals()
     if isinstance(source, int) or str(source).isdigit():
-        return inspect_process(int(source))
+        facts = inspect_process(int(source))
+        txn = journal.destination_of(facts.argv, facts.pid, transactions)
+        if txn is not None:
+            raise Refused(f"PID {facts.pid} is the new QEMU of an upgrade of VM {txn.label} "
+                          "that is in progress or was interrupted, not a VM of its own",
+                          f"give the VM's own PID ({txn.facts.get('source', {}).get('pid')}); "
+                          "`liveupgrade list` shows both")
+        return facts
     text = str(source)
     matches: list[SourceProcess] = []
     as_path = Path(text).resolve() if "/" in text else None
@@ -119,6 +132,8 @@ def resolve(source: str | int) -> SourceProcess:
         try:
             facts = inspect_process(proc.pid)
         except (SourceNotFound, NotQemu, Refused):
+            continue
+        if journal.destination_of(facts.argv, facts.pid, transactions) is not None:
             continue
         if as_path is not None:
             if any(as_path == p.resolve() for p in qmp_paths(facts.cmdline)

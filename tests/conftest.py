@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from liveupgrade.rig import FixturePaths, FixtureVM, VMConfig, find_fixtures
-from liveupgrade.rig.kvm import decide_accel
+from rig import FixturePaths, FixtureVM, VMConfig, find_fixtures
+from rig.kvm import decide_accel
+from rig.libvirt_vm import LibvirtFixtureVM, ensure_daemons, qemu_for
 
 
 @pytest.fixture(scope="session")
@@ -50,3 +51,23 @@ async def make_vm(fixtures: FixturePaths, accel: str) -> AsyncIterator[VMFactory
     yield make
     for vm in vms:
         await vm.close()
+
+
+@pytest.fixture(scope="session")
+def libvirt_daemons() -> list[str]:
+    """libvirtd and virtlogd, started by hand if none runs (no systemd here)."""
+    return ensure_daemons()
+
+
+@pytest.fixture(scope="session")
+def libvirt_qemu_new(fixtures: FixturePaths) -> Path:
+    """QEMU 10.0 at a path libvirt's QEMU user can execute (the clone may be private)."""
+    return qemu_for(fixtures.qemu_new)
+
+
+@pytest.fixture
+async def lvm(libvirt_daemons: list[str], fixtures: FixturePaths
+              ) -> AsyncIterator[LibvirtFixtureVM]:
+    """A persistent libvirt domain running the microguest on QEMU 7.2."""
+    async with LibvirtFixtureVM(fixtures) as vm:
+        yield vm

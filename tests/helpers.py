@@ -7,7 +7,7 @@ from pathlib import Path
 
 import psutil
 
-from liveupgrade.rig import FixtureVM
+from rig import FixtureVM
 
 
 async def assert_guest_intact(vm: FixtureVM) -> None:

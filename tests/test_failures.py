@@ -23,7 +23,7 @@ from liveupgrade.errors import (
     TransferFailed,
     UsageError,
 )
-from liveupgrade.rig import FixturePaths, FixtureVM, MemoryBacking
+from rig import FixturePaths, FixtureVM, MemoryBacking
 from tests.conftest import VMFactory
 from tests.helpers import assert_guest_intact, leftovers, qemu_pids, runtime_dirs
 

@@ -1,6 +1,6 @@
 """Unit tests of the heartbeat parser and gap meter (pure logic, no QEMU)."""
 
-from liveupgrade.rig.heartbeat import HeartbeatLog
+from rig.heartbeat import HeartbeatLog
 
 
 def fill(log: HeartbeatLog, times_and_seqs: list[tuple[float, int]]) -> None:

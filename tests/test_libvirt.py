@@ -13,7 +13,7 @@ import asyncio
 import json
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,30 +21,10 @@ import pytest
 from liveupgrade import engine
 from liveupgrade.errors import LiveUpgradeError
 from liveupgrade.report import UpgradeEvent
-from liveupgrade.rig import FixturePaths
-from liveupgrade.rig.libvirt_vm import LibvirtFixtureVM, ensure_daemons, qemu_for
 from liveupgrade.versions import QemuVersion
+from rig.libvirt_vm import LibvirtFixtureVM
 from tests.helpers import assert_guest_intact, is_running
 from tests.test_network import tap_fds
-
-
-@pytest.fixture(scope="session")
-def libvirt_daemons() -> list[str]:
-    """libvirtd and virtlogd, started by hand if none runs (no systemd here)."""
-    return ensure_daemons()
-
-
-@pytest.fixture(scope="session")
-def qemu_new(fixtures: FixturePaths) -> Path:
-    """QEMU 10.0 at a path libvirt's QEMU user can execute (the clone may be private)."""
-    return qemu_for(fixtures.qemu_new)
-
-
-@pytest.fixture
-async def lvm(libvirt_daemons: list[str], fixtures: FixturePaths
-              ) -> AsyncIterator[LibvirtFixtureVM]:
-    async with LibvirtFixtureVM(fixtures) as vm:
-        yield vm
 
 
 def qmp_through_libvirt(vm: LibvirtFixtureVM, command: str) -> object:
@@ -97,7 +77,7 @@ def second_copy(lvm: LibvirtFixtureVM) -> Iterator[SecondCopyProbe]:
 
 
 async def test_list_shows_the_libvirt_domain_and_plan_asks_for_the_opt_in(
-        lvm: LibvirtFixtureVM, qemu_new: Path, tmp_path: Path):
+        lvm: LibvirtFixtureVM, libvirt_qemu_new: Path, tmp_path: Path):
     from liveupgrade import inventory
 
     vms = {v.pid: v for v in await inventory.list_vms()}
@@ -105,17 +85,17 @@ async def test_list_shows_the_libvirt_domain_and_plan_asks_for_the_opt_in(
     assert info.libvirt_domain == lvm.name and info.libvirt_uri == "qemu:///system"
     assert info.version and info.version.startswith("7.2")  # asked through libvirt
     status_before = lvm.managed.status_path.read_bytes()
-    report = await engine.plan(lvm.pid, qemu_new)
+    report = await engine.plan(lvm.pid, libvirt_qemu_new)
     check = next(c for c in report.preflight.checks if c.name == "libvirt")
     assert not check.ok and "virDomainQemuAttach" in check.detail
     assert "--libvirt-adopt" in check.fix
     with pytest.raises(LiveUpgradeError, match="libvirt"):
-        await engine.upgrade(lvm.pid, qemu_new)
+        await engine.upgrade(lvm.pid, libvirt_qemu_new)
     assert lvm.managed.status_path.read_bytes() == status_before
     assert lvm.dom.isActive() and len(lvm.processes()) == 1
     # A target the VM's user (libvirt-qemu) cannot execute is refused before anything starts.
     private = tmp_path / "qemu"  # pytest's tmp folders are 0700 root
-    private.write_text(f'#!/bin/sh\nexec {qemu_new} "$@"\n')
+    private.write_text(f'#!/bin/sh\nexec {libvirt_qemu_new} "$@"\n')
     private.chmod(0o755)
     report = await engine.plan(lvm.pid, private, libvirt_adopt=True)
     access = next(c for c in report.preflight.checks if c.name == "target-access")
@@ -123,7 +103,7 @@ async def test_list_shows_the_libvirt_domain_and_plan_asks_for_the_opt_in(
 
 
 async def test_adopt_hands_the_new_qemu_to_libvirt(
-        lvm: LibvirtFixtureVM, qemu_new: Path, second_copy: SecondCopyProbe):
+        lvm: LibvirtFixtureVM, libvirt_qemu_new: Path, second_copy: SecondCopyProbe):
     old_pid, dom_id = lvm.pid, lvm.dom.ID()
     taps_before = tap_fds(old_pid)
     switchover: list[float] = []
@@ -132,7 +112,7 @@ async def test_adopt_hands_the_new_qemu_to_libvirt(
         if event.phase == "switchover" and not switchover:
             switchover.append(time.monotonic())
 
-    result = await engine.upgrade(old_pid, qemu_new, libvirt_adopt=True, on_event=note)
+    result = await engine.upgrade(old_pid, libvirt_qemu_new, libvirt_adopt=True, on_event=note)
     second_copy.__exit__()
     assert not is_running(old_pid)
     assert [p.pid for p in lvm.processes()] == [result.destination_pid]
@@ -178,10 +158,10 @@ async def test_adopt_hands_the_new_qemu_to_libvirt(
 
 
 async def test_a_failure_before_switchover_leaves_libvirt_and_the_guest_as_before(
-        lvm: LibvirtFixtureVM, qemu_new: Path):
+        lvm: LibvirtFixtureVM, libvirt_qemu_new: Path):
     """A target whose machine type differs fails to load the state: roll back, daemon back."""
     wrapper = lvm.dir / "qemu-wrong-machine"  # where libvirt's QEMU user can run it
-    wrapper.write_text(f'#!/bin/sh\nexec {qemu_new} "$@" -machine pc-i440fx-7.1\n')
+    wrapper.write_text(f'#!/bin/sh\nexec {libvirt_qemu_new} "$@" -machine pc-i440fx-7.1\n')
     wrapper.chmod(0o755)
     old_pid, dom_id = lvm.pid, lvm.dom.ID()
     with pytest.raises(LiveUpgradeError, match="Machine type received") as failure:

@@ -20,8 +20,8 @@ from liveupgrade.cmdline import CommandLine
 from liveupgrade.errors import Refused
 from liveupgrade.fdpass import open_fds
 from liveupgrade.report import UpgradeEvent, UpgradeResult
-from liveupgrade.rig import FixturePaths, GuestKind, TapNetwork
-from liveupgrade.rig.probes import ECHO_PORT, observe_network, vnc_banner
+from rig import FixturePaths, GuestKind, TapNetwork
+from rig.probes import ECHO_PORT, observe_network, vnc_banner
 from tests.conftest import VMFactory
 from tests.helpers import assert_guest_intact, qemu_pids
 

@@ -17,8 +17,8 @@ from qemu.qmp import QMPClient
 from liveupgrade import engine, inventory
 from liveupgrade.errors import Refused, UsageError
 from liveupgrade.fdpass import close_all, take_fds
-from liveupgrade.rig import FixturePaths, MemoryBacking
 from liveupgrade.target import clean_env
+from rig import FixturePaths, MemoryBacking
 from tests.conftest import VMFactory
 from tests.helpers import assert_guest_intact, qemu_pids
 

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from liveupgrade.rig import FixturePaths, GuestKind, MemoryBacking
+from rig import FixturePaths, GuestKind, MemoryBacking
 from tests.conftest import VMFactory
 
 pytestmark = pytest.mark.e2e

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from liveupgrade import target
-from liveupgrade.rig import FixturePaths
+from rig import FixturePaths
 
 pytestmark = pytest.mark.e2e
 

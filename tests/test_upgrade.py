@@ -12,7 +12,7 @@ import pytest
 
 from liveupgrade import engine
 from liveupgrade.errors import Refused
-from liveupgrade.rig import FixturePaths, GuestKind, MemoryBacking
+from rig import FixturePaths, GuestKind, MemoryBacking
 from tests.conftest import VMFactory
 from tests.helpers import (
     assert_guest_intact,

@@ -20,9 +20,9 @@ from typing import Self
 import psutil
 from qemu.qmp import QMPClient
 
-from liveupgrade.rig.heartbeat import HeartbeatServer
-from liveupgrade.rig.netns import TapNetwork
-from liveupgrade.rig.paths import FixturePaths, find_fixtures
+from rig.heartbeat import HeartbeatServer
+from rig.netns import TapNetwork
+from rig.paths import FixturePaths, find_fixtures
 
 
 class GuestKind(enum.Enum):
@@ -61,6 +61,7 @@ class VMConfig:
     console_socket: bool = False
     vnc: bool = False
     debug_log: bool = False
+    pidfile: bool = False  # -pidfile in the VM's folder, as managers write one
 
 
 class GuestStartError(RuntimeError):
@@ -133,6 +134,10 @@ class FixtureVM(StartStop):
         return self.dir / "console.sock"
 
     @property
+    def pidfile_path(self) -> Path:
+        return self.dir / "qemu.pid"
+
+    @property
     def debug_log_path(self) -> Path:
         return self.dir / "qemu-debug.log"
 
@@ -173,6 +178,8 @@ class FixtureVM(StartStop):
             args += ["-vnc", "127.0.0.1:0"]
         if c.debug_log:
             args += ["-D", str(self.debug_log_path), "-d", "guest_errors"]
+        if c.pidfile:
+            args += ["-pidfile", str(self.pidfile_path)]
         if c.guest is GuestKind.MICRO:
             args += ["-serial", "chardev:hb", "-kernel", str(self.fixtures.microguest),
                      "-append", f"fill={c.fill_mib} rate={c.dirty_rate_mib} hb={c.heartbeat_us}"]

@@ -16,7 +16,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from liveupgrade.rig.vm import FixtureVM, GuestStartError, MemoryBacking, VMConfig
+from rig.vm import FixtureVM, GuestStartError, MemoryBacking, VMConfig
 
 PROBE_SECONDS = 1.0
 PROBE_HEARTBEAT_US = 1000

@@ -21,8 +21,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from liveupgrade.rig.netns import TapNetwork
-from liveupgrade.rig.vm import FixtureVM
+from rig.netns import TapNetwork
+from rig.vm import FixtureVM
 
 
 @dataclass

@@ -35,9 +35,9 @@ from liveupgrade.libvirt_domain import (
     import_libvirt,
     status_pid,
 )
-from liveupgrade.rig.heartbeat import HeartbeatServer
-from liveupgrade.rig.paths import FixturePaths, find_fixtures
-from liveupgrade.rig.vm import StartStop
+from rig.heartbeat import HeartbeatServer
+from rig.paths import FixturePaths, find_fixtures
+from rig.vm import StartStop
 
 QEMU_USER = "libvirt-qemu"  # Debian's libvirt runs QEMU as this user by default
 DAEMON_READY_TIMEOUT = 30.0

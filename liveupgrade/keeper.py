@@ -1,0 +1,122 @@
+"""The keeper: a small process that finishes an upgrade whose engine died.
+
+The engine starts one keeper per upgrade, in a session of its own (a hangup
+of the operator's terminal does not reach it), before it changes anything.
+The keeper holds two inherited descriptors: the read end of a pipe whose
+write end only the engine has, and the VM's lock. It blocks reading the pipe:
+
+- the engine ends normally (upgraded, refused, or rolled back by itself) and
+  writes ``done``: the keeper exits at once;
+- the engine dies in any way, SIGKILL included: the kernel closes its end, the
+  keeper reads EOF without ``done`` and repairs the VM from the journal
+  (recovery.py) while it still holds the lock, then exits.
+
+So no daemon runs when no upgrade does, and nothing depends on systemd.
+Its log (what it found, what it did) is appended to ``<runtime>/recovery.log``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from liveupgrade.errors import LiveUpgradeError
+
+READY_TIMEOUT = 10.0
+DONE = b"done"
+
+
+def log_path() -> Path:
+    from liveupgrade.journal import runtime_base
+    return runtime_base() / "recovery.log"
+
+
+class Keeper:
+    """The engine's handle on its keeper process."""
+
+    def __init__(self, proc: asyncio.subprocess.Process, lifeline: int, ready: int):
+        self.proc, self._lifeline, self._ready = proc, lifeline, ready
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    @classmethod
+    async def spawn(cls, journal_path: Path, lock_fd: int) -> Keeper:
+        """Start the keeper; it is armed (watching) as soon as it exists."""
+        life_r, life_w = os.pipe()
+        ready_r, ready_w = os.pipe()
+        log = os.open(log_path(), os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "liveupgrade.keeper", str(journal_path), str(life_r),
+                str(ready_w), str(lock_fd), stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                pass_fds=[life_r, ready_w, lock_fd], start_new_session=True)
+        except OSError as e:
+            os.close(life_w)
+            os.close(ready_r)
+            raise LiveUpgradeError(f"cannot start the upgrade's keeper process: {e}",
+                                   "check that the Python interpreter can run") from e
+        finally:
+            for fd in (life_r, ready_w, log):
+                os.close(fd)
+        return cls(proc, life_w, ready_r)
+
+    async def armed(self) -> None:
+        """Wait until the keeper runs its watch (before the engine changes anything)."""
+        loop = asyncio.get_running_loop()
+        try:
+            word = await asyncio.wait_for(loop.run_in_executor(None, os.read, self._ready, 16),
+                                          READY_TIMEOUT)
+        except TimeoutError:
+            word = b""
+        if word != b"ready":
+            await self.dismiss(ended=True)
+            raise LiveUpgradeError(
+                "the upgrade's keeper process did not start, so nothing could finish the "
+                f"upgrade if this command died: nothing was changed (see {log_path()})",
+                "check that `python -m liveupgrade.keeper` runs with this interpreter")
+
+    async def dismiss(self, ended: bool) -> None:
+        """Let the keeper go: `ended` (the journal is removed), it exits at once; else it
+        repairs the VM from the journal first, as if this process had died. Waits for it."""
+        if self._lifeline >= 0:
+            if ended:
+                with contextlib.suppress(OSError):
+                    os.write(self._lifeline, DONE)
+            os.close(self._lifeline)
+            self._lifeline = -1
+        if self._ready >= 0:
+            os.close(self._ready)
+            self._ready = -1
+        await self.proc.wait()
+
+
+def watch(journal_path: Path, lifeline: int, ready: int, lock_fd: int) -> int:
+    """The keeper's body: wait for the engine's word, or its death."""
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    with contextlib.suppress(BrokenPipeError):  # the engine finished before we were ready
+        os.write(ready, b"ready")
+    os.close(ready)
+    said = b""
+    while chunk := os.read(lifeline, 64):
+        said += chunk
+    if said.startswith(DONE):
+        return 0
+    from liveupgrade import recovery  # only now: the watch itself starts in milliseconds
+    return asyncio.run(recovery.repair_by_keeper(journal_path, lock_fd))
+
+
+def main(argv: list[str]) -> int:
+    journal_path, lifeline, ready, lock_fd = argv
+    return watch(Path(journal_path), int(lifeline), int(ready), int(lock_fd))
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

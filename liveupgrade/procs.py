@@ -1,0 +1,53 @@
+"""Process facts the engine and its repairs rely on: is it still the same process,
+kill it, wait for it to go (without reaping another parent's child)."""
+
+from __future__ import annotations
+
+import time
+
+import psutil
+
+CREATE_TIME_SLACK = 0.05  # psutil's create_time is derived from boot ticks
+
+
+def alive(pid: int | None, create_time: float | None = None) -> bool:
+    """Whether `pid` still is the process it was (same start time), and not a zombie."""
+    if not pid:
+        return False
+    try:
+        proc = psutil.Process(pid)
+        if create_time is not None and abs(proc.create_time() - create_time) > CREATE_TIME_SLACK:
+            return False
+        return proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def create_time(pid: int) -> float | None:
+    try:
+        return psutil.Process(pid).create_time()
+    except psutil.Error:
+        return None
+
+
+def kill(pid: int, created: float | None = None) -> bool:
+    """SIGKILL `pid` if it still is the process it was; True if it was signalled."""
+    if not alive(pid, created):
+        return False
+    try:
+        psutil.Process(pid).kill()
+    except psutil.Error:
+        return False
+    return True
+
+
+def wait_gone(pids: list[int], timeout: float) -> bool:
+    """Wait until each process has exited (zombie or gone), without reaping it:
+    its parent (asyncio's child watcher, init) may be waiting on it."""
+    deadline = time.monotonic() + timeout
+    for pid in pids:
+        while alive(pid):
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.002)
+    return True

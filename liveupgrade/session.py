@@ -1,0 +1,101 @@
+"""The source QEMU during an upgrade: the engine's monitor on it, and what to give back.
+
+Until switchover the source is authoritative. Everything the engine changes
+on it (migration capabilities and parameters, a migration that stops its
+vCPUs at the end) is given back by `give_back`, which the engine's undo and
+a repair after the engine's death (recovery.py) both call, from what the
+engine noted or what the journal recorded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Any
+
+from liveupgrade import monitor
+from liveupgrade.destination import set_migration
+from liveupgrade.source import ACTIVE_MIGRATION, SourceProcess, SourceState
+
+CANCEL_TIMEOUT = 5.0
+
+
+async def cancel_migration(client: monitor.Monitor) -> str:
+    """Cancel a migration that is still under way; return the final migration status."""
+    info: Any = await client.execute("query-migrate")
+    status = str(info.get("status", "none"))
+    if status not in ACTIVE_MIGRATION:
+        return status
+    with contextlib.suppress(Exception):
+        await client.execute("migrate_cancel")
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + CANCEL_TIMEOUT
+    while status in ACTIVE_MIGRATION and loop.time() < deadline:
+        await asyncio.sleep(0.01)
+        info = await client.execute("query-migrate")
+        status = str(info.get("status", "none"))
+    return status
+
+
+async def reset_capabilities(client: monitor.Monitor, caps: list[str], side: str) -> None:
+    """Turn off the migration capabilities an upgrade set (all but `events`), so whatever
+    migrates this QEMU next does not inherit them: a lone x-ignore-shared makes an
+    ordinary migration fail ("Capability x-ignore-shared is off, but received capability
+    is on"). Best effort: it never fails an upgrade."""
+    reset = [k for k in caps if k != "events"]
+    if reset:
+        with contextlib.suppress(Exception):
+            await set_migration(client, dict.fromkeys(reset, False), {}, side)
+
+
+async def give_back(client: monitor.Monitor, was_running: bool, caps: list[str],
+                    params_before: dict[str, Any]) -> list[str]:
+    """The source runs as before the upgrade: no migration under way, resumed if it ran,
+    our capabilities off and its migration parameters as they were (so whatever
+    migrates it next does not inherit ours). Returns what it had to do.
+
+    Call it only once the destination cannot run the guest (killed, or never
+    resumed): a `cont` here is what makes the source authoritative again.
+    """
+    done = []
+    status = await cancel_migration(client)
+    if status in ACTIVE_MIGRATION:
+        done.append(f"the migration did not stop ({status})")
+    state: Any = await client.execute("query-status")
+    if was_running and not state["running"]:
+        await monitor.execute(client, "cont", what="source")
+        done.append(f"resumed the guest on the source (it was {state['status']})")
+    await reset_capabilities(client, caps, "source")
+    if params_before:
+        with contextlib.suppress(Exception):
+            await set_migration(client, {}, params_before, "source")
+    return done
+
+
+class SourceSession:
+    """The source as the engine holds it: process facts, state, monitor, and our changes."""
+
+    def __init__(self, proc: SourceProcess, state: SourceState, client: monitor.Monitor):
+        self.proc, self.state, self.client = proc, state, client
+        self.caps: list[str] = []
+        self.params_before: dict[str, Any] = {}
+
+    def note_migration(self, caps: dict[str, bool], params: dict[str, Any]) -> None:
+        """Note what `give_back` must restore once the mode's settings are set."""
+        self.caps = list(caps)
+        before = self.state.parameters
+        self.params_before = {k: before[k] for k in params if k in before}
+
+    async def set_migration(self, caps: dict[str, bool], params: dict[str, Any]) -> None:
+        self.note_migration(caps, params)
+        await set_migration(self.client, caps, params, "source")
+
+    async def give_back(self) -> None:
+        await give_back(self.client, self.state.running, self.caps, self.params_before)
+
+    async def cancel_migration(self) -> None:
+        await cancel_migration(self.client)
+
+    async def disconnect(self) -> None:
+        with contextlib.suppress(Exception):
+            await self.client.disconnect()
