@@ -189,6 +189,13 @@ async def _query(binary: Path, proc: asyncio.subprocess.Process, sock: Path) -> 
             await asyncio.wait_for(proc.wait(), 2)
             if proc.stderr is not None:
                 detail = (await proc.stderr.read()).decode(errors="replace").strip()[:300]
+        code = proc.returncode
+        if code is not None and code != 0:
+            how = (f"killed by signal {-code}" if code < 0 else f"exited with {code}")
+            raise TargetBinaryError(f"{binary}: the QEMU being probed died ({how}) while it "
+                                    f"answered the probe: {detail or e}",
+                                    "run the binary by hand to see why it stops; check the "
+                                    "system log for the OOM killer or a crash") from e
         raise TargetBinaryError(f"{binary}: QMP probe failed: {detail or e}",
                                 "a QEMU copied away from its install needs QEMU_MODULE_DIR: "
                                 "give a wrapper script that sets it and execs the binary") from e

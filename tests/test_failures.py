@@ -178,3 +178,24 @@ async def test_cli_reports_cause_fix_and_exit_code(fixtures: FixturePaths):
     out, err = await proc.communicate()
     assert proc.returncode == 2 and out == b""
     assert b"error: no process with PID 999999999" in err and b"fix:" in err
+
+
+async def test_a_target_that_dies_while_probed_is_an_error_not_a_traceback(
+        fixtures: FixturePaths, make_vm: VMFactory, tmp_path: Path):
+    """A real QEMU killed while the probe talks to it (here: once its QMP socket exists)."""
+    vm = await make_vm(fixtures.qemu_old, backing=MemoryBacking.FILE)
+    dying = wrapper(tmp_path, fixtures.qemu_new,
+                    'for a in "$@"; do case "$a" in unix:*) sock=${a#unix:}; sock=${sock%%,*};; '
+                    'esac; done\n'
+                    '"$REAL" "$@" & pid=$!\n'
+                    'while [ -n "$sock" ] && [ ! -S "$sock" ]; do sleep 0.005; done\n'
+                    'sleep 0.03; kill -9 $pid; wait $pid')
+    for attempt in range(3):  # the exact moment varies: each must end as a clean error
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "liveupgrade", "upgrade", str(vm.pid), "--to", str(dying),
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        out, err = await proc.communicate()
+        assert proc.returncode in (1, 2), (attempt, err)
+        assert b"Traceback" not in err and b"liveupgrade: error: " in err, err
+        assert b"died (killed by signal 9)" in err or b"exited" in err, err
+    await assert_untouched(vm)
