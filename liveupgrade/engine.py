@@ -128,14 +128,48 @@ class _Undo:
         self.stack.pop_all()
 
 
+class _Transaction:
+    """The upgrade as a transaction that outlives this process: the VM's lock, its
+    journal, and its keeper (journal.py, keeper.py).
+
+    `ended` is true while nothing needs repair (nothing changed yet, fully rolled
+    back, or finished): closing then removes the journal and dismisses the keeper.
+    Otherwise closing hands the journal to the keeper, which repairs the VM.
+    """
+
+    def __init__(self, lock: journal.VMLock, record: journal.Journal, keeper: Keeper):
+        self.lock, self.journal, self.keeper = lock, record, keeper
+        self.ended = True
+
+    @classmethod
+    async def open(cls, held: contextlib.AsyncExitStack, proc: source.SourceProcess
+                   ) -> _Transaction:
+        """Take the VM's lock (refusing if an upgrade runs or was interrupted), start the
+        keeper; both are released by `held`."""
+        uuid = proc.cmdline.first("uuid")
+        key = journal.vm_key(uuid.value if uuid is not None else None, proc.pid)
+        label = _vm_label(proc)
+        lock = held.enter_context(journal.claimed(key, label))
+        record = journal.Journal.begin(key, vm=label, engine_pid=os.getpid(), source={
+            "pid": proc.pid, "create_time": proc.create_time, "qmp_path": str(proc.qmp_path)})
+        # The keeper starts (Python's own start-up) while we plan; it is armed from
+        # its first instruction, and awaited before the first change.
+        keeper = await Keeper.spawn(record.path, lock.fd)
+        lock.note_owners(os.getpid(), keeper.pid)
+        record.facts["keeper_pid"] = keeper.pid
+        tx = cls(lock, record, keeper)
+        held.push_async_callback(tx.close)
+        return tx
+
+    async def close(self) -> None:
+        if self.ended:
+            self.journal.remove()
+        await self.keeper.dismiss(self.ended)
+
+
 def _vm_label(proc: source.SourceProcess) -> str:
     name = proc.cmdline.first("name")
     return (name.prop("guest") if name is not None else None) or str(proc.pid)
-
-
-def _vm_key(proc: source.SourceProcess) -> str:
-    uuid = proc.cmdline.first("uuid")
-    return journal.vm_key(uuid.value if uuid is not None else None, proc.pid)
 
 
 async def upgrade(
@@ -177,55 +211,43 @@ async def upgrade(
         async with progress.phase("inspect", "reading the source VM"):
             proc = await asyncio.to_thread(source.resolve, source_spec)
             managed = libvirt_domain.find(proc.pid)
-            key, label = _vm_key(proc), _vm_label(proc)
-            lock = held.enter_context(journal.claimed(key, label))
-            txn = journal.Journal.begin(key, vm=label, engine_pid=os.getpid())
-            # The keeper starts (Python's own start-up) while we plan; it is armed
-            # from its first instruction, and awaited before the first change.
-            watcher = await Keeper.spawn(txn.path, lock.fd)
-            lock.note_owners(os.getpid(), watcher.pid)
-            ended = True  # nothing changed yet: the transaction ends with this process
-
-            async def close_transaction() -> None:
-                if ended:
-                    txn.remove()
-                await watcher.dismiss(ended)  # not ended: the keeper repairs from the journal
-            held.push_async_callback(close_transaction)
+            tx = await _Transaction.open(held, proc)
             client: monitor.Monitor = await _connect_source(proc, managed)
             held.push_async_callback(_disconnect, client)
         async with progress.phase("plan", "probing the target QEMU and planning"):
             rundir = Path(tempfile.mkdtemp(prefix="upgrade-", dir=journal.runtime_base()))
             held.callback(shutil.rmtree, rundir, ignore_errors=True)
+            tx.journal.record("planning", rundir=str(rundir))
             report = await _checked_plan(proc, client, Path(target_binary), requested, parsed,
                                          bandwidth, downtime_limit, forced, rundir, libvirt_adopt)
-        txn.facts.update(keeper_pid=watcher.pid, uuid=report.state.uuid, rundir=str(rundir),
-                         target_binary=str(report.target.path), mode=report.transfer.mode.value
-                         if report.transfer else None,
-                         source={"pid": proc.pid, "create_time": proc.create_time,
-                                 "qmp_path": str(proc.qmp_path),
-                                 "running": report.state.running})
+        assert report.transfer is not None
+        tx.journal.facts["source"]["running"] = report.state.running
+        tx.journal.facts.update(uuid=report.state.uuid, mode=report.transfer.mode.value,
+                                target_binary=str(report.target.path))
         undo = _Undo()
         try:
             async with asyncio.timeout(timeout):
-                await watcher.armed()
-                ended = False  # from here on, something has changed until it is undone
-                pause, client = await _pause_libvirt(progress, txn, undo, proc, managed, client)
+                await tx.keeper.armed()
+                tx.ended = False  # from here on, something has changed until it is undone
+                pause, client = await _pause_libvirt(progress, tx.journal, undo, proc, managed,
+                                                     client)
                 session = SourceSession(proc, report.state, client)
                 held.push_async_callback(session.disconnect)
                 undo.push("disconnect from the source", session.disconnect)  # before libvirt's
                 undo.push("give the source back", session.give_back)
                 async with progress.phase("destination", "starting the destination QEMU"):
-                    destination = await _start_destination(txn, undo, report, rundir, managed)
+                    destination = await _start_destination(tx.journal, undo, report, rundir,
+                                                           managed)
                     held.push_async_callback(destination.disconnect)
-                async with progress.phase("transfer", f"transferring state "
-                                          f"({report.transfer.mode.value})"):  # type: ignore[union-attr]
-                    await _transfer(txn, undo, progress, session, destination, report)
-            resumed = _resume(progress, txn, destination, report.state.running)
-            status = await _past_the_point_of_no_return(resumed)
+                async with progress.phase("transfer", "transferring state "
+                                          f"({report.transfer.mode.value})"):
+                    await _transfer(tx.journal, undo, progress, session, destination, report)
+            await _past_the_point_of_no_return(
+                _resume(progress, tx.journal, destination, report.state.running))
         except BaseException as e:  # errors, the timeout, cancellation (Ctrl-C, SIGTERM) alike
             progress.emit("rollback", "rolling back: the VM stays on the source")
             await undo.roll_back()
-            ended = not undo.failures
+            tx.ended = not undo.failures
             if isinstance(e, TimeoutError):
                 raise TransferFailed(
                     f"the upgrade did not reach switchover within {timeout:.0f} s; "
@@ -239,11 +261,11 @@ async def upgrade(
         undo.drop()
         try:
             result: UpgradeResult = await _past_the_point_of_no_return(_finish(
-                progress, txn, session, destination, report, pause, status))
+                progress, tx.journal, session, destination, report, pause))
         except SwitchoverFailed:
-            ended = True  # the guest runs on the new QEMU; the message says what is left
+            tx.ended = True  # the guest runs on the new QEMU; the message says what is left
             raise
-        ended = True
+        tx.ended = True
         return result
     raise AssertionError("unreachable")  # for type checkers: the with block returns or raises
 
@@ -545,12 +567,14 @@ async def _await_completion(progress: _Progress, session: SourceSession,
 
 
 async def _resume(progress: _Progress, txn: journal.Journal, destination: Destination,
-                  running: bool) -> dict[str, Any]:
+                  running: bool) -> None:
     """The switchover: resume the guest on the destination (if it ran on the source).
 
     Recorded before `cont` is sent: from here a repair asks the destination
     itself whether it holds the VM. A `cont` QEMU refuses means the
-    destination never ran the guest: the caller rolls back.
+    destination never ran the guest: the caller rolls back. Once `cont` has
+    succeeded nothing may roll back (the destination ran the guest), so
+    nothing else happens in here.
     """
     async with progress.phase("switchover", "resuming the guest on the destination"):
         txn.record("switchover")
@@ -561,19 +585,17 @@ async def _resume(progress: _Progress, txn: journal.Journal, destination: Destin
             except MonitorError as e:
                 raise TransferFailed(f"the destination would not resume the guest: {e}; "
                                      "the VM runs on the source") from e
-        status: dict[str, Any] = await monitor.execute(
-            destination.qmp, "query-status", what="destination")  # type: ignore[arg-type]
         txn.record("resumed")
-        return status
 
 
 async def _finish(progress: _Progress, txn: journal.Journal, session: SourceSession,
                   destination: Destination, report: PlanReport,
-                  pause: libvirt_domain.LibvirtPause | None,
-                  status: dict[str, Any]) -> UpgradeResult:
+                  pause: libvirt_domain.LibvirtPause | None) -> UpgradeResult:
     """Past the point of no return: retire the source, put its paths and display in place."""
     plan, state, proc = destination.plan, report.state, report.vm
     assert report.transfer
+    status: dict[str, Any] = await monitor.execute(
+        destination.qmp, "query-status", what="destination")  # type: ignore[arg-type]
     migration: dict[str, Any] = await monitor.execute(session.client, "query-migrate",
                                                       what="source")
     vnc_fds = _take_vnc(plan, proc.pid)

@@ -35,6 +35,7 @@ from liveupgrade.procs import alive
 
 # The steps of an upgrade, in order. Each is recorded before it is carried out.
 STEPS = (
+    "planning",  # the run folder is made and the target probed; nothing else has changed
     "libvirt-stopping",  # the libvirt daemon is being stopped (libvirt VMs only)
     "destination-starting",  # the new QEMU is being started (its run folder is recorded)
     "destination-started",  # it runs, paused, waiting for the migration (its PID is recorded)

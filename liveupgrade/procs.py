@@ -3,9 +3,14 @@ kill it, wait for it to go (without reaping another parent's child)."""
 
 from __future__ import annotations
 
+import ctypes
+import signal
 import time
 
 import psutil
+
+PR_SET_PDEATHSIG = 1
+_libc = ctypes.CDLL(None, use_errno=True)
 
 CREATE_TIME_SLACK = 0.05  # psutil's create_time is derived from boot ticks
 
@@ -51,3 +56,12 @@ def wait_gone(pids: list[int], timeout: float) -> bool:
                 return False
             time.sleep(0.002)
     return True
+
+
+def die_with_parent() -> None:
+    """preexec_fn for helper processes (the target probe): SIGKILL them when we die.
+
+    Only for processes that must not outlive the engine; never for a
+    destination, whose fate the keeper decides.
+    """
+    _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)

@@ -48,7 +48,7 @@ class Repair:
     vm: str
     key: str
     step: str
-    action: str = "nothing"  # "rolled back", "rolled forward", "in progress", "failed"
+    action: str = "nothing"  # rolled back/forward, nothing to undo, in progress, failed
     pid: int | None = None  # the QEMU the VM runs on afterwards
     running: bool | None = None
     notes: list[str] = field(default_factory=list)
@@ -74,6 +74,11 @@ class Repair:
 async def repair(journal: Journal) -> Repair:
     """Roll `journal`'s upgrade back or forward; the caller holds the VM's lock."""
     result = Repair(journal.label, journal.key, journal.step)
+    if journal.step == "planning":  # nothing had changed: only the run folder to remove
+        _remove_private_paths(journal)
+        result.action, result.pid = "nothing to undo", journal.facts["source"]["pid"]
+        result.notes.append("the upgrade had not changed anything yet")
+        return result
     try:
         if await _forward(journal, result):
             await _roll_forward(journal, result)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from liveupgrade import monitor
+from liveupgrade import monitor, procs
 from liveupgrade.errors import MonitorError, TargetBinaryError
 from liveupgrade.versions import QemuVersion
 
@@ -141,7 +141,8 @@ async def _probe_process(binary: Path) -> TargetInfo:
     try:
         proc = await asyncio.create_subprocess_exec(
             *argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE, env=clean_env(), start_new_session=True, umask=0o077)
+            stderr=subprocess.PIPE, env=clean_env(), start_new_session=True, umask=0o077,
+            preexec_fn=procs.die_with_parent)
     except OSError as e:
         raise TargetBinaryError(f"cannot run target binary {binary}: {e.strerror}",
                                 "give a qemu-system-* binary built for this host") from e

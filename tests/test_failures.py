@@ -194,7 +194,7 @@ async def test_a_target_that_dies_while_probed_is_an_error_not_a_traceback(
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "liveupgrade", "upgrade", str(vm.pid), "--to", str(dying),
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-        out, err = await proc.communicate()
+        _, err = await proc.communicate()
         assert proc.returncode in (1, 2), (attempt, err)
         assert b"Traceback" not in err and b"liveupgrade: error: " in err, err
         assert b"died (killed by signal 9)" in err or b"exited" in err, err

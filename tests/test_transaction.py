@@ -105,8 +105,8 @@ class Fault:
         return f"{self.mode}-{self.signal}-{self.step or 'mid-transfer'}"
 
 
-STEPS = ["destination-starting", "destination-started", "migrating", "switchover", "resumed",
-         "relocating"]
+STEPS = ["planning", "destination-starting", "destination-started", "migrating", "switchover",
+         "resumed", "relocating"]
 FAULTS = (
     [Fault("shared", "KILL", s) for s in STEPS]
     + [Fault("shared", "HUP", s) for s in STEPS]
