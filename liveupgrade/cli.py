@@ -289,8 +289,9 @@ async def _run(args: argparse.Namespace, display: ProgressDisplay) -> tuple[Any,
         if not args.json:
             _table(f"{len(outcomes)} stale VM(s)", ["PID", "name", "target", "result"],
                    [[str(o.vm.pid), o.vm.name or "-", o.target,
-                     f"ok: {o.result.mode}, PID {o.result.destination_pid}, QEMU downtime "
-                     f"{o.result.downtime_ms} ms" if o.result else f"FAILED: {o.error}"]
+                     f"ok: {o.result.mode}, PID {o.result.destination_pid}, guest paused "
+                     f"{o.result.vcpu_pause_ms} ms, QEMU downtime {o.result.downtime_ms} ms"
+                     if o.result else f"FAILED: {o.error}"]
                     for o in outcomes])
         return [o.to_json() for o in outcomes], "", all(o.result for o in outcomes)
     if args.command == "upgrade":

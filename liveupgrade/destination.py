@@ -92,6 +92,7 @@ class Destination:
         self.proc: asyncio.subprocess.Process | None = None
         self.qmp: QMPClient | None = None
         self.events: EventListener | None = None
+        self.resumes = EventListener(("RESUME",))  # when the guest's vCPUs ran again
         self.log: DestinationLog | None = None
         self._tap_guard: asyncio.Task[None] | None = None
 
@@ -157,6 +158,7 @@ class Destination:
                                     ) from e
         self.events = EventListener(("MIGRATION",))
         self.qmp.register_listener(self.events)
+        self.qmp.register_listener(self.resumes)
         await set_migration(self.qmp, caps, params, "destination")
         return self.qmp
 
@@ -172,6 +174,11 @@ class Destination:
             guard.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await guard
+
+    def resumed_at(self) -> float | None:
+        """The host time (s) of the destination's first RESUME event, if any."""
+        times = [event_time(e) for e in self.resumes.clear()]
+        return times[0] if times else None
 
     async def failure(self, grace: float = EXIT_GRACE) -> str | None:
         """The destination's own reason when the migration failed: its log, if it has
@@ -207,6 +214,12 @@ class Destination:
         if client is not None:
             with contextlib.suppress(Exception):
                 await client.disconnect()
+
+
+def event_time(event: Mapping[str, Any]) -> float:
+    """A QMP event's timestamp (QEMU stamps it with the host's real-time clock), in s."""
+    stamp = event["timestamp"]
+    return float(stamp["seconds"]) + float(stamp["microseconds"]) / 1e6
 
 
 async def set_migration(client: monitor.Monitor, caps: dict[str, bool], params: dict[str, Any],

@@ -598,6 +598,9 @@ async def _finish(progress: _Progress, txn: journal.Journal, session: SourceSess
         destination.qmp, "query-status", what="destination")  # type: ignore[arg-type]
     migration: dict[str, Any] = await monitor.execute(session.client, "query-migrate",
                                                       what="source")
+    stopped, resumed = session.stopped_at(), destination.resumed_at()
+    vcpu_pause = (round((resumed - stopped) * 1e3, 2)
+                  if stopped is not None and resumed is not None else None)
     vnc_fds = _take_vnc(plan, proc.pid)
     async with progress.phase("retire", "stopping the old QEMU"):
         await session.disconnect()
@@ -624,7 +627,8 @@ async def _finish(progress: _Progress, txn: journal.Journal, session: SourceSess
         source_pid=proc.pid, destination_pid=destination.pid,
         source_version=str(state.version), target_version=str(report.target.version),
         target_binary=str(report.target.path), guest_running=bool(status["running"]),
-        downtime_ms=m.get("downtime"), total_time_ms=m.get("total-time"),
+        downtime_ms=m.get("downtime"), vcpu_pause_ms=vcpu_pause,
+        total_time_ms=m.get("total-time"),
         setup_time_ms=m.get("setup-time"),
         ram_transferred_bytes=(m.get("ram") or {}).get("transferred"),
         bytes_transferred=(m.get("ram") or {}).get("total"),

@@ -47,6 +47,9 @@ class UpgradeResult:
     target_binary: str
     guest_running: bool
     downtime_ms: int | None = None  # QEMU's own figure, from query-migrate on the source
+    # The guest's vCPU pause: the source's STOP event to the destination's RESUME event,
+    # both stamped by QEMU on the host's clock (None for a VM that was paused anyway).
+    vcpu_pause_ms: float | None = None
     total_time_ms: int | None = None
     setup_time_ms: int | None = None
     ram_transferred_bytes: int | None = None
@@ -73,12 +76,17 @@ class UpgradeResult:
             f"  mode: {self.mode} ({self.mode_reason})",
             f"  pid {self.source_pid} -> {self.destination_pid}, machine {self.machine}, "
             f"guest {'running' if self.guest_running else 'paused, as it was'}",
-            f"  QEMU downtime {self.downtime_ms} ms, total {self.total_time_ms} ms, "
+            f"  guest paused {_ms(self.vcpu_pause_ms)} (QEMU's STOP -> RESUME events), "
+            f"QEMU downtime {self.downtime_ms} ms, total {self.total_time_ms} ms, "
             f"RAM sent {_size(self.ram_transferred_bytes)}",
             f"  phases: {phases}",
         ]
         lines += [f"  handed over: {item}" for item in self.handed_over]
         return "\n".join(lines)
+
+
+def _ms(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.1f} ms"
 
 
 def _size(n: int | None) -> str:

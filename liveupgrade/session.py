@@ -13,8 +13,10 @@ import asyncio
 import contextlib
 from typing import Any
 
+from qemu.qmp.events import EventListener
+
 from liveupgrade import monitor
-from liveupgrade.destination import set_migration
+from liveupgrade.destination import event_time, set_migration
 from liveupgrade.source import ACTIVE_MIGRATION, SourceProcess, SourceState
 
 CANCEL_TIMEOUT = 5.0
@@ -79,6 +81,16 @@ class SourceSession:
         self.proc, self.state, self.client = proc, state, client
         self.caps: list[str] = []
         self.params_before: dict[str, Any] = {}
+        # The source's STOP event: when migration stopped the guest's vCPUs (QEMU's clock).
+        self.stops = EventListener(("STOP",))
+        register = getattr(client, "register_listener", None)  # a QMPClient, not libvirt's
+        if register is not None:
+            register(self.stops)
+
+    def stopped_at(self) -> float | None:
+        """The host time (s) of the source's last STOP event, if one was seen."""
+        times = [event_time(e) for e in self.stops.clear()]
+        return times[-1] if times else None
 
     def note_migration(self, caps: dict[str, bool], params: dict[str, Any]) -> None:
         """Note what `give_back` must restore once the mode's settings are set."""

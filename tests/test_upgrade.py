@@ -49,8 +49,14 @@ async def _upgrade_and_check(vm, target, **kwargs):
     assert leftovers(vm) == []
     assert runtime_dirs() == runtime_before
     gap = vm.heartbeat.log.max_gap(started, finished)
+    # QEMU's STOP -> RESUME is the vCPU pause; the guest's heartbeats cannot have
+    # continued through it, so the host saw a gap at least that long (less one period).
+    period_ms = vm.config.heartbeat_us / 1e3
+    assert result.vcpu_pause_ms is not None
+    assert 0 < result.vcpu_pause_ms <= gap.seconds * 1e3 + period_ms, (result.vcpu_pause_ms, gap)
     print(f"{result.mode} {result.source_version} -> {result.target_version}: pause "
-          f"{gap.seconds * 1e3:.1f} ms, QEMU downtime {result.downtime_ms} ms, "
+          f"{gap.seconds * 1e3:.1f} ms, vCPUs stopped {result.vcpu_pause_ms:.1f} ms, "
+          f"QEMU downtime {result.downtime_ms} ms, "
           f"RAM sent {result.ram_transferred_bytes} B, phases {result.phases_ms}")
     return result, version
 
@@ -150,7 +156,7 @@ async def test_paused_vm_stays_paused(fixtures: FixturePaths, make_vm: VMFactory
     await asyncio.sleep(0.05)
     beats = len(vm.heartbeat.log.beats)
     result = await engine.upgrade(vm.pid, fixtures.qemu_new)
-    assert not result.guest_running
+    assert not result.guest_running and result.vcpu_pause_ms is None  # it was paused anyway
     await asyncio.sleep(0.3)
     assert len(vm.heartbeat.log.beats) == beats  # nobody resumed it
     async with vm.qmp() as q:
