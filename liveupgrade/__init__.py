@@ -8,7 +8,6 @@ process and `--help` start without loading the engine.
 from __future__ import annotations
 
 import importlib
-from typing import Any
 
 __version__ = "0.1.0"
 
@@ -25,7 +24,7 @@ __all__ = ["LiveUpgradeError", "UpgradeEvent", "UpgradeResult", "__version__", "
            "recover", "upgrade"]
 
 
-def __getattr__(name: str) -> Any:
+def __getattr__(name: str) -> object:
     if name in _EXPORTS:
         return getattr(importlib.import_module(_EXPORTS[name]), name)
     raise AttributeError(f"module 'liveupgrade' has no attribute {name!r}")

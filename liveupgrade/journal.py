@@ -2,8 +2,9 @@
 
 An upgrade changes the host in a fixed order (STEPS). Before each step the
 engine writes the step, and the facts needed to undo or finish it, to
-``<runtime>/transactions/<key>.journal`` (written whole to a temporary file,
-then renamed over: a reader sees the old record or the new one, never half).
+``<runtime>/liveupgrade-transactions/<key>.journal`` (written whole to a
+temporary file, then renamed over: a reader sees the old record or the new
+one, never half).
 If the engine dies, whoever repairs the VM (its keeper process, or
 ``liveupgrade recover``) decides from this record and from the QEMU
 processes' own state what to do (recovery.py), never from guesses.
@@ -130,12 +131,19 @@ class Journal:
         self.write()
 
     def write(self) -> None:
-        data = json.dumps(self.facts, indent=1, default=str).encode()
+        """Replace the record atomically (a reader sees the old or the new one, whole).
+
+        No fsync: the journal must survive the death of this process, which
+        never loses written data, not a crash of the host, after which no
+        QEMU of the upgrade runs and /run starts empty. An fsync would cost
+        milliseconds on a disk-backed /run, one of them inside the guest's
+        pause (the `switchover` record precedes `cont`).
+        """
+        data = json.dumps(self.facts, default=str).encode()
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
             os.write(fd, data)
-            os.fsync(fd)
         finally:
             os.close(fd)
         os.replace(tmp, self.path)

@@ -13,22 +13,28 @@ write end only the engine has, and the VM's lock. It blocks reading the pipe:
 
 So no daemon runs when no upgrade does, and nothing depends on systemd.
 Its log (what it found, what it did) is appended to ``<runtime>/recovery.log``.
+
+The keeper starts while the engine plans, on a host whose cores the running
+guest needs: it starts without `site` (the package is found through
+PYTHONPATH) and imports nothing but the standard library's basics until it
+has to repair (measured: 70 ms of CPU with site and asyncio, ~10 ms without).
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import signal
-import subprocess
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from liveupgrade.errors import LiveUpgradeError
+if TYPE_CHECKING:  # only the engine's side uses asyncio: the keeper itself starts without it
+    import asyncio
 
 READY_TIMEOUT = 10.0
 DONE = b"done"
+PACKAGE_PARENT = str(Path(__file__).resolve().parents[1])
 
 
 def log_path() -> Path:
@@ -49,14 +55,22 @@ class Keeper:
     @classmethod
     async def spawn(cls, journal_path: Path, lock_fd: int) -> Keeper:
         """Start the keeper; it is armed (watching) as soon as it exists."""
+        import asyncio
+        import subprocess
+
+        from liveupgrade.errors import LiveUpgradeError
+
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [PACKAGE_PARENT,
+                                                          env.get("PYTHONPATH")]))
         life_r, life_w = os.pipe()
         ready_r, ready_w = os.pipe()
         log = os.open(log_path(), os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
         try:
             proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "liveupgrade.keeper", str(journal_path), str(life_r),
-                str(ready_w), str(lock_fd), stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                pass_fds=[life_r, ready_w, lock_fd], start_new_session=True)
+                sys.executable, "-S", "-m", "liveupgrade.keeper", str(journal_path),
+                str(life_r), str(ready_w), str(lock_fd), stdin=subprocess.DEVNULL, stdout=log,
+                stderr=log, pass_fds=[life_r, ready_w, lock_fd], start_new_session=True, env=env)
         except OSError as e:
             os.close(life_w)
             os.close(ready_r)
@@ -69,6 +83,10 @@ class Keeper:
 
     async def armed(self) -> None:
         """Wait until the keeper runs its watch (before the engine changes anything)."""
+        import asyncio
+
+        from liveupgrade.errors import LiveUpgradeError
+
         loop = asyncio.get_running_loop()
         try:
             word = await asyncio.wait_for(loop.run_in_executor(None, os.read, self._ready, 16),
@@ -109,7 +127,12 @@ def watch(journal_path: Path, lifeline: int, ready: int, lock_fd: int) -> int:
         said += chunk
     if said.startswith(DONE):
         return 0
-    from liveupgrade import recovery  # only now: the watch itself starts in milliseconds
+    import site  # only now: the venv's packages (qemu.qmp, psutil) for the repair
+
+    site.main()
+    import asyncio
+
+    from liveupgrade import recovery
     return asyncio.run(recovery.repair_by_keeper(journal_path, lock_fd))
 
 
