@@ -319,6 +319,15 @@ async def _recover(args: argparse.Namespace) -> tuple[Any, str, bool]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except OSError as e:  # printing failed: the terminal (SIGHUP) or the pipe went away
+        if e.errno in (errno.EIO, errno.EPIPE):
+            return 1
+        raise
+
+
+def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     display = ProgressDisplay(enabled=not args.json)
     try:
@@ -335,8 +344,8 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(args, "interrupted before switchover: the migration was cancelled and the "
                      "VM runs on the old QEMU, as before", "", 1)
     except OSError as e:
-        if e.errno in (errno.EIO, errno.EPIPE):  # the terminal went away (SIGHUP, closed pipe)
-            return 1
+        if e.errno in (errno.EIO, errno.EPIPE):
+            raise
         return _fail(args, f"the host refused an operation: {e}", "", 1)
     except Exception as e:  # a bug of ours: say so in one line, never a traceback unasked
         if os.environ.get("LIVEUPGRADE_DEBUG"):
