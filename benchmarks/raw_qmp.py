@@ -2,6 +2,9 @@
 
 This is the yardstick for engine overhead: no inspection, no probe, no
 checks, no rollback; only start the destination, migrate, resume, quit.
+`python -m benchmarks.raw_qmp PID QMP TARGET MODE` runs it as a process of
+its own (benchmarks/command.py times it beside the whole `liveupgrade`
+command); it imports nothing of liveupgrade, as a minimal script would not.
 """
 
 from __future__ import annotations
@@ -9,7 +12,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -17,7 +22,10 @@ from typing import Any
 from qemu.qmp import QMPClient
 from qemu.qmp.events import EventListener
 
-from liveupgrade.target import clean_env
+
+def clean_env() -> dict[str, str]:
+    """Our environment minus a module folder meant for another QEMU build."""
+    return {k: v for k, v in os.environ.items() if k != "QEMU_MODULE_DIR"}
 
 
 async def raw_upgrade(source_argv: list[str], source_qmp: Path, target: Path, mode: str,
@@ -86,3 +94,15 @@ async def raw_upgrade(source_argv: list[str], source_qmp: Path, target: Path, mo
     return {"wall_s": resumed - started, "downtime_ms": info.get("downtime"),
             "total_time_ms": info.get("total-time"),
             "ram_transferred": (info.get("ram") or {}).get("transferred")}, proc
+
+
+def main(args: list[str]) -> int:
+    pid, qmp, target, mode = args
+    argv = [a.decode() for a in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[:-1]]
+    figures, _ = asyncio.run(raw_upgrade(argv, Path(qmp), Path(target), mode, Path(qmp).parent))
+    print(json.dumps(figures))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
