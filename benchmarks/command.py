@@ -86,8 +86,8 @@ def markdown(rows: list[dict[str, Any]], runs: int, accel: str) -> str:
     for kind in KINDS:
         of = [r for r in rows if r["kind"] == kind]
         target = TARGETS_MS.get(kind)
-        verdict = "" if target is None else (
-            f"<= {target:.0f}: {'met' if statistics.median(r['wall_ms'] for r in of) <= target else 'NOT met'}")
+        met = target is not None and statistics.median(r["wall_ms"] for r in of) <= target
+        verdict = "" if target is None else f"<= {target:.0f}: {'met' if met else 'NOT met'}"
         lines.append(f"| {kind} | {_stat([r['wall_ms'] for r in of])} | {verdict} | "
                      f"{_stat([r['engine_ms'] for r in of if 'engine_ms' in r])} |")
     ups = [r for r in rows if r["kind"] == "upgrade"]

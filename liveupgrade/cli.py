@@ -14,9 +14,6 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
-from rich.table import Table
-
 from liveupgrade import __version__
 from liveupgrade.bugs import KNOWN_BUGS
 from liveupgrade.errors import LiveUpgradeError, UsageError
@@ -245,6 +242,9 @@ def _fail(args: argparse.Namespace, message: str, fix: str, code: int) -> int:
 
 
 def _table(title: str, columns: list[str], rows: list[list[str]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
     table = Table(title=title, show_lines=False)
     for col in columns:
         table.add_column(col, overflow="fold")
@@ -255,14 +255,14 @@ def _table(title: str, columns: list[str], rows: list[list[str]]) -> None:
 
 async def _run(args: argparse.Namespace, display: ProgressDisplay) -> tuple[Any, str, bool]:
     """Run one command; return its JSON document, its text, and whether it succeeded."""
-    from liveupgrade import engine, fleet, inventory
-
     options: dict[str, Any] = {}
     if args.command in ("upgrade", "plan"):
         options = {"mode": args.mode, "bandwidth": args.bandwidth,
                    "downtime_limit": args.downtime_limit, "overrides": args.overrides,
                    "force": args.force, "libvirt_adopt": args.libvirt_adopt}
     if args.command == "list":
+        from liveupgrade import inventory
+
         vms = await inventory.list_vms()
         if not args.json:
             _table("QEMU processes", ["PID", "name", "version", "stale", "QMP / manager", "RAM",
@@ -275,6 +275,8 @@ async def _run(args: argparse.Namespace, display: ProgressDisplay) -> tuple[Any,
         return [v.to_json() for v in vms], "", True
     if args.command == "recover":
         return await _recover(args)
+    from liveupgrade import engine
+
     if args.command == "plan":
         if not args.target:
             raise UsageError("plan needs --to BINARY")
@@ -283,6 +285,8 @@ async def _run(args: argparse.Namespace, display: ProgressDisplay) -> tuple[Any,
     if args.command == "upgrade" and args.all_stale:
         if args.source:
             raise UsageError("give either SOURCE or --all-stale, not both")
+        from liveupgrade import fleet
+
         outcomes = await fleet.upgrade_all_stale(
             Path(args.target) if args.target else None, args.parallel, on_event=display,
             timeout=args.timeout, **options)

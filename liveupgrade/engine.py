@@ -227,7 +227,6 @@ async def upgrade(
         undo = _Undo()
         try:
             async with asyncio.timeout(timeout):
-                await tx.keeper.armed()
                 tx.ended = False  # from here on, something has changed until it is undone
                 pause, client = await _pause_libvirt(progress, tx.journal, undo, proc, managed,
                                                      client)
@@ -239,6 +238,9 @@ async def upgrade(
                     destination = await _start_destination(tx.journal, undo, report, rundir,
                                                            managed)
                     held.push_async_callback(destination.disconnect)
+                    # The keeper is armed since it was forked; confirm it runs before the
+                    # migration (by now it has long started: waiting costs nothing).
+                    await tx.keeper.armed()
                 async with progress.phase("transfer", "transferring state "
                                           f"({report.transfer.mode.value})"):
                     await _transfer(tx.journal, undo, progress, session, destination, report)

@@ -29,8 +29,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:  # only the engine's side uses asyncio: the keeper itself starts without it
-    import asyncio
+if TYPE_CHECKING:  # only the engine's side uses these: the keeper itself starts without them
+    import subprocess
 
 READY_TIMEOUT = 10.0
 DONE = b"done"
@@ -45,7 +45,7 @@ def log_path() -> Path:
 class Keeper:
     """The engine's handle on its keeper process."""
 
-    def __init__(self, proc: asyncio.subprocess.Process, lifeline: int, ready: int):
+    def __init__(self, proc: subprocess.Popen[bytes], lifeline: int, ready: int):
         self.proc, self._lifeline, self._ready = proc, lifeline, ready
 
     @property
@@ -54,8 +54,8 @@ class Keeper:
 
     @classmethod
     async def spawn(cls, journal_path: Path, lock_fd: int) -> Keeper:
-        """Start the keeper; it is armed (watching) as soon as it exists."""
-        import asyncio
+        """Start the keeper. It is armed from the moment it exists: the lifeline's read
+        end is its from birth, so the engine's death reaches it even before it runs."""
         import subprocess
 
         from liveupgrade.errors import LiveUpgradeError
@@ -67,10 +67,11 @@ class Keeper:
         ready_r, ready_w = os.pipe()
         log = os.open(log_path(), os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
         try:
-            proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-S", "-m", "liveupgrade.keeper", str(journal_path),
-                str(life_r), str(ready_w), str(lock_fd), stdin=subprocess.DEVNULL, stdout=log,
-                stderr=log, pass_fds=[life_r, ready_w, lock_fd], start_new_session=True, env=env)
+            proc = subprocess.Popen(
+                [sys.executable, "-S", "-m", "liveupgrade.keeper", str(journal_path),
+                 str(life_r), str(ready_w), str(lock_fd)], stdin=subprocess.DEVNULL,
+                stdout=log, stderr=log, pass_fds=[life_r, ready_w, lock_fd],
+                start_new_session=True, env=env)
         except OSError as e:
             os.close(life_w)
             os.close(ready_r)
@@ -101,8 +102,12 @@ class Keeper:
                 "check that `python -m liveupgrade.keeper` runs with this interpreter")
 
     async def dismiss(self, ended: bool) -> None:
-        """Let the keeper go: `ended` (the journal is removed), it exits at once; else it
-        repairs the VM from the journal first, as if this process had died. Waits for it."""
+        """Let the keeper go. `ended` (the journal is removed): it exits at once, and we do
+        not wait for that (the lock's file is unlinked on release, so a next upgrade locks
+        a fresh one). Else it repairs the VM from the journal, as if this process had
+        died, and we wait for the repair to finish."""
+        import asyncio
+
         if self._lifeline >= 0:
             if ended:
                 with contextlib.suppress(OSError):
@@ -112,7 +117,8 @@ class Keeper:
         if self._ready >= 0:
             os.close(self._ready)
             self._ready = -1
-        await self.proc.wait()
+        if not ended:
+            await asyncio.to_thread(self.proc.wait)
 
 
 def watch(journal_path: Path, lifeline: int, ready: int, lock_fd: int) -> int:
