@@ -29,6 +29,7 @@ from typing import Any
 
 import psutil
 
+from benchmarks import command
 from benchmarks.raw_qmp import raw_upgrade
 from liveupgrade import engine, monitor
 from rig import (
@@ -171,6 +172,7 @@ async def _run_method(case: Case, vm: FixtureVM, fx: FixturePaths,
         figures, proc = await raw_upgrade(vm.argv(), vm.qmp_path, target, case.mode, vm.dir)
         extra.append(proc)
         return {"wall_ms": figures["wall_s"] * 1e3, "qemu_downtime_ms": figures["downtime_ms"],
+                "vcpu_pause_ms": figures["vcpu_pause_ms"],
                 "qemu_total_ms": figures["total_time_ms"],
                 "ram_transferred": figures["ram_transferred"]}
     if case.method == "stop-cont":
@@ -410,6 +412,11 @@ async def main_async(args: argparse.Namespace) -> int:
     (out / "table.md").write_text(table)
     made = [] if args.no_plots else plots(results, out)
     print(table)
+    if args.quick and not args.filter:  # the whole command too, so CI shows a regression
+        command_rows, command_table = await command.measure(max(args.runs, 5))
+        (out / "command.json").write_text(json.dumps(command_rows, indent=1))
+        (out / "command.md").write_text(command_table)
+        print(command_table)
     print(f"results: {out} ({', '.join(p.name for p in made)})")
     return 1 if any(r["error"] for r in results) else 0
 

@@ -13,9 +13,11 @@ import asyncio
 import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,22 +30,41 @@ def clean_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k != "QEMU_MODULE_DIR"}
 
 
+def _stamp(event: Any) -> float:
+    stamp = event["timestamp"]
+    return float(stamp["seconds"]) + float(stamp["microseconds"]) / 1e6
+
+
 async def raw_upgrade(source_argv: list[str], source_qmp: Path, target: Path, mode: str,
-                      workdir: Path) -> tuple[dict[str, Any], subprocess.Popen[bytes]]:
-    """Upgrade with bare QMP; QEMU's figures, the wall time, and the new process."""
+                      workdir: Path, *, rewrite: Callable[[list[str]], list[str]] | None = None,
+                      pass_fds: Sequence[int] = (), preexec_fn: Callable[[], None] | None = None,
+                      source_pid: int | None = None, before_cont: Callable[[], None] | None = None
+                      ) -> tuple[dict[str, Any], subprocess.Popen[bytes]]:
+    """Upgrade with bare QMP; QEMU's figures, the wall time, and the new process.
+
+    `rewrite` edits the destination's argv further (e.g. a tap by fd from
+    `pass_fds`); `preexec_fn` runs in it before exec (e.g. joining the VM's
+    network namespace). With `source_pid` the old QEMU is killed as the engine
+    does, else it is asked to quit. `before_cont` is called at switchover.
+    """
     started = time.monotonic()
     dst_qmp = workdir / "raw-dst-qmp.sock"
     mig = workdir / "raw-mig.sock"
     cpr = workdir / "raw-cpr.sock"
     argv = [str(target)] + [a.replace(str(source_qmp), str(dst_qmp)) for a in source_argv[1:]]
+    argv = rewrite(argv) if rewrite else argv
     argv += ["-S", "-incoming", "defer"]
     if mode == "cpr-transfer":
         argv += ["-incoming", json.dumps({"channel-type": "cpr", "addr": {
             "transport": "socket", "type": "unix", "path": str(cpr)}})]
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, env=clean_env(), start_new_session=True)
+                            stderr=subprocess.DEVNULL, env=clean_env(), start_new_session=True,
+                            pass_fds=pass_fds, preexec_fn=preexec_fn)
     src = QMPClient("raw-src")
     await src.connect(str(source_qmp))
+    stops = EventListener(("STOP",))
+    resumes = EventListener(("RESUME",))
+    src.register_listener(stops)
     caps = {"shared": ["x-ignore-shared"], "copy": ["multifd"], "cpr-transfer": []}[mode]
     dst = QMPClient("raw-dst")
     listener = EventListener(("MIGRATION",))
@@ -57,6 +78,7 @@ async def raw_upgrade(source_argv: list[str], source_qmp: Path, target: Path, mo
             except Exception:
                 await asyncio.sleep(0.001)
         dst.register_listener(listener)
+        dst.register_listener(resumes)
         await dst.execute("migrate-set-capabilities", {"capabilities": [
             {"capability": c, "state": True} for c in ["events", *caps]]})
 
@@ -83,15 +105,26 @@ async def raw_upgrade(source_argv: list[str], source_qmp: Path, target: Path, mo
         event: Any = await listener.get()
         if event["data"]["status"] in ("completed", "failed"):
             break
+    if before_cont is not None:
+        before_cont()
     await dst.execute("cont")
     resumed = time.monotonic()
     info: Any = await src.execute("query-migrate")
-    with contextlib.suppress(Exception):  # QEMU may close the socket before it replies
-        await src.execute("quit")
-    with contextlib.suppress(Exception):
-        await src.disconnect()
+    stop_times, resume_times = stops.clear(), resumes.clear()
+    if source_pid is not None:
+        with contextlib.suppress(Exception):
+            await src.disconnect()
+        os.kill(source_pid, signal.SIGKILL)
+    else:
+        with contextlib.suppress(Exception):  # QEMU may close the socket before it replies
+            await src.execute("quit")
+        with contextlib.suppress(Exception):
+            await src.disconnect()
     await dst.disconnect()
+    vcpu_pause = ((_stamp(resume_times[0]) - _stamp(stop_times[-1])) * 1e3
+                  if stop_times and resume_times else None)
     return {"wall_s": resumed - started, "downtime_ms": info.get("downtime"),
+            "vcpu_pause_ms": vcpu_pause,
             "total_time_ms": info.get("total-time"),
             "ram_transferred": (info.get("ram") or {}).get("transferred")}, proc
 
