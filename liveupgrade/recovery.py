@@ -48,7 +48,7 @@ class Repair:
     vm: str
     key: str
     step: str
-    action: str = "nothing"  # rolled back/forward, nothing to undo, in progress, failed
+    action: str = "nothing"  # rolled back/forward, nothing to undo/left, in progress, failed
     pid: int | None = None  # the QEMU the VM runs on afterwards
     running: bool | None = None
     notes: list[str] = field(default_factory=list)
@@ -78,6 +78,17 @@ async def repair(journal: Journal) -> Repair:
         _remove_private_paths(journal)
         result.action, result.pid = "nothing to undo", journal.facts["source"]["pid"]
         result.notes.append("the upgrade had not changed anything yet")
+        return result
+    src, dst = journal.facts["source"], journal.facts.get("destination") or {}
+    if not procs.alive(src["pid"], src.get("create_time")) and \
+            not procs.alive(dst.get("pid"), dst.get("create_time")):
+        # e.g. the host rebooted: nothing of this upgrade runs, so nothing can be repaired,
+        # and a VM started again with the same UUID must not stay blocked by this record.
+        _remove_private_paths(journal)
+        result.action = "nothing left"
+        result.notes.append(f"neither the old QEMU (PID {src['pid']}) nor the new one "
+                            f"(PID {dst.get('pid', '-')}) of this upgrade runs any more; "
+                            "the record is closed")
         return result
     try:
         if await _forward(journal, result):

@@ -122,3 +122,21 @@ def test_the_fault_hook_fires_only_at_its_step() -> None:
     env.pop(journal.FAULT_ENV)
     child = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert child.returncode == 0 and child.stdout == "alive\nnot reached\n"
+
+
+async def test_a_record_of_processes_that_no_longer_exist_is_closed(key: str) -> None:
+    """After a host reboot (or both QEMUs killed) there is nothing to repair; the record
+    must not block a VM started again with the same UUID."""
+    from liveupgrade import recovery
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    record = journal.Journal.begin(key, vm="web1", source={
+        "pid": gone.pid, "create_time": 1.0, "qmp_path": "/nonexistent", "running": True})
+    record.record("migrating", rundir=f"/run/liveupgrade/upgrade-{key}",
+                  destination={"pid": gone.pid, "create_time": 1.0, "qmp_path": "/none"})
+    (repair,) = await recovery.recover(key)
+    assert repair.ok and repair.action == "nothing left", repair
+    assert not record.path.exists()
+    with journal.claimed(key, "web1"):  # the VM can be upgraded again
+        pass
