@@ -530,30 +530,56 @@ async def _await_completion(progress: _Progress, session: SourceSession,
     """Follow the migration until the destination has loaded the whole VM state.
 
     The destination's MIGRATION event says "completed" the moment it can run
-    the guest; reacting to it (not to a poll) keeps the guest's pause short.
-    The source is polled for progress. When the migration fails, the cause
-    quoted is the dying side's own: the destination's log if it exited (it
-    rejected the stream), else the source's error.
+    the guest, and it is awaited directly: the source's progress is polled by
+    a task of its own, so a poll waiting on a source busy finishing the
+    migration never delays the reaction (measured: it added up to 20 ms to
+    the vCPU pause). When the migration fails, the cause quoted is the dying
+    side's own: the destination's log if it exited, else the source's error.
     """
-    assert destination.events is not None
-    next_poll = 0.0
-    while True:
-        with contextlib.suppress(TimeoutError):
-            event = await asyncio.wait_for(destination.events.get(), PROGRESS_INTERVAL)
-            data: Any = dict(event).get("data") or {}
-            status = data.get("status")
-            if status == "completed":
+    stop = asyncio.Event()
+    follower = asyncio.ensure_future(_follow_source(progress, session, destination, stop))
+    session.follower = follower  # finished before the session lets go of its monitor
+    outcome = asyncio.ensure_future(_destination_outcome(destination))
+    try:
+        done, _ = await asyncio.wait({follower, outcome}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stop.set()  # the follower ends after its current poll; cancelling it would drop a reply
+        outcome.cancel()
+    if outcome in done:
+        outcome.result()  # completed, or the destination's failure
+    else:
+        follower.result()  # the source's failure
+
+
+async def _destination_outcome(destination: Destination) -> None:
+    """Return when the destination has the whole VM state; raise when it failed or died."""
+    assert destination.events is not None and destination.proc is not None
+    exited = asyncio.ensure_future(destination.proc.wait())
+    try:
+        while True:
+            event = asyncio.ensure_future(destination.events.get())
+            await asyncio.wait({event, exited}, return_when=asyncio.FIRST_COMPLETED)
+            if not event.done():
+                event.cancel()
+                raise DestinationFailed(f"the destination QEMU exited during the transfer with "
+                                        f"{destination.exited}: {destination.why()}")
+            data: Any = dict(event.result()).get("data") or {}
+            if data.get("status") == "completed":
                 return
-            if status == "failed":
+            if data.get("status") == "failed":
                 raise DestinationFailed("the destination failed to load the VM state: "
                                         f"{destination.why()}")
-        if destination.exited is not None:
-            raise DestinationFailed(f"the destination QEMU exited during the transfer with "
-                                    f"{destination.exited}: {destination.why()}")
-        if time.monotonic() < next_poll:
-            continue
-        next_poll = time.monotonic() + PROGRESS_INTERVAL
+    finally:
+        exited.cancel()
+
+
+async def _follow_source(progress: _Progress, session: SourceSession, destination: Destination,
+                         stop: asyncio.Event) -> None:
+    """Report the source's progress until told to stop; raise when its migration failed."""
+    while not stop.is_set():
         info = await monitor.execute(session.client, "query-migrate", what="source")
+        if stop.is_set():
+            return
         src_status = info.get("status")
         ram = info.get("ram") or {}
         progress.emit("progress", f"migration {src_status}",
@@ -566,6 +592,8 @@ async def _await_completion(progress: _Progress, session: SourceSession,
             raise TransferFailed(f"the migration {src_status}: "
                                  f"{info.get('error-desc') or 'QEMU gave no reason'}",
                                  "the VM still runs on the source; see the cause above")
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), PROGRESS_INTERVAL)
 
 
 async def _resume(progress: _Progress, txn: journal.Journal, destination: Destination,

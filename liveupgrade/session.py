@@ -81,6 +81,7 @@ class SourceSession:
         self.proc, self.state, self.client = proc, state, client
         self.caps: list[str] = []
         self.params_before: dict[str, Any] = {}
+        self.follower: asyncio.Future[None] | None = None  # the engine's progress poll
         # The source's STOP event: when migration stopped the guest's vCPUs (QEMU's clock).
         self.stops = EventListener(("STOP",))
         register = getattr(client, "register_listener", None)  # a QMPClient, not libvirt's
@@ -109,5 +110,10 @@ class SourceSession:
         await cancel_migration(self.client)
 
     async def disconnect(self) -> None:
+        """Let go of the monitor, once the progress poll has had its last reply."""
+        follower, self.follower = self.follower, None
+        if follower is not None:
+            with contextlib.suppress(BaseException):
+                await asyncio.wait_for(follower, CANCEL_TIMEOUT)
         with contextlib.suppress(Exception):
             await self.client.disconnect()
