@@ -113,6 +113,19 @@ and the known QEMU bugs ({', '.join(sorted(KNOWN_BUGS))}). Every other check
 guards the guest's safety and cannot be forced.
 """
 
+METRICS_HELP = """\
+Prints (or writes with --textfile, replacing the file atomically) the state of
+this host's QEMUs in node_exporter's textfile-collector format: how many VMs
+and how many run stale code; per VM its QEMU version, whether it is stale,
+whether an upgrade of it was interrupted; and its last upgrade's outcome, time,
+vCPU pause (QEMU's STOP -> RESUME events) and QEMU downtime. Run it from cron
+or a timer with --textfile in node_exporter's --collector.textfile.directory.
+
+examples:
+  liveupgrade metrics
+  liveupgrade metrics --textfile /var/lib/prometheus/node-exporter/liveupgrade.prom
+"""
+
 RECOVER_HELP = """\
 Repairs upgrades that were interrupted: the liveupgrade process that ran them
 died (killed, out of memory, host tool upgraded mid-way) and so did its keeper,
@@ -199,6 +212,12 @@ def build_parser() -> argparse.ArgumentParser:
     rc.add_argument("--all", action="store_true", help="every interrupted upgrade on this host")
     rc.add_argument("--json", action="store_true", help="print one JSON document on stdout")
 
+    mt = sub.add_parser("metrics", help="the host's QEMUs and last upgrades, for Prometheus",
+                        description=METRICS_HELP, formatter_class=raw)
+    mt.add_argument("--textfile", type=Path, metavar="PATH",
+                    help="write to PATH (replaced atomically) instead of stdout, e.g. "
+                         "/var/lib/prometheus/node-exporter/liveupgrade.prom")
+
     ls = sub.add_parser("list", help="every QEMU on this host, and which run stale code",
                         description=LIST_HELP, formatter_class=raw)
     ls.add_argument("--json", action="store_true", help="print one JSON document on stdout")
@@ -275,6 +294,14 @@ async def _run(args: argparse.Namespace, display: ProgressDisplay) -> tuple[Any,
         return [v.to_json() for v in vms], "", True
     if args.command == "recover":
         return await _recover(args)
+    if args.command == "metrics":
+        from liveupgrade import metrics
+
+        text = await metrics.collect()
+        if args.textfile is None:
+            return None, text.rstrip("\n"), True
+        metrics.write_atomically(args.textfile, text)
+        return None, "", True
     from liveupgrade import engine
 
     if args.command == "plan":
@@ -333,11 +360,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
-    display = ProgressDisplay(enabled=not args.json)
+    display = ProgressDisplay(enabled=not getattr(args, "json", False))
     try:
         with display:
             output, text, ok = asyncio.run(_with_signals(_run(args, display)))
-        if args.json:
+        if getattr(args, "json", False):
             print(json.dumps(output, indent=2))
         elif text:
             print(text)

@@ -40,6 +40,7 @@ from liveupgrade import (
     context,
     fdpass,
     handover,
+    history,
     journal,
     libvirt_domain,
     monitor,
@@ -140,6 +141,7 @@ class _Transaction:
     def __init__(self, lock: journal.VMLock, record: journal.Journal, keeper: Keeper):
         self.lock, self.journal, self.keeper = lock, record, keeper
         self.ended = True
+        self.result: UpgradeResult | None = None
 
     @classmethod
     async def open(cls, held: contextlib.AsyncExitStack, proc: source.SourceProcess
@@ -158,13 +160,16 @@ class _Transaction:
         lock.note_owners(os.getpid(), keeper.pid)
         record.facts["keeper_pid"] = keeper.pid
         tx = cls(lock, record, keeper)
-        held.push_async_callback(tx.close)
+        held.push_async_exit(tx.close)
         return tx
 
-    async def close(self) -> None:
+    async def close(self, _type: object, error: BaseException | None, _tb: object) -> None:
         if self.ended:
             self.journal.remove()
         await self.keeper.dismiss(self.ended)
+        why = (None if error is None else str(error) if isinstance(error, LiveUpgradeError)
+               else f"interrupted ({type(error).__name__})")
+        history.note(self.journal.key, self.journal.label, self.result, why)
 
 
 def _vm_label(proc: source.SourceProcess) -> str:
@@ -268,6 +273,7 @@ async def upgrade(
             tx.ended = True  # the guest runs on the new QEMU; the message says what is left
             raise
         tx.ended = True
+        tx.result = result
         return result
     raise AssertionError("unreachable")  # for type checkers: the with block returns or raises
 

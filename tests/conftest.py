@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -10,6 +11,15 @@ import pytest
 from rig import FixturePaths, FixtureVM, VMConfig, find_fixtures
 from rig.kvm import decide_accel
 from rig.libvirt_vm import LibvirtFixtureVM, ensure_daemons, qemu_for
+
+
+@pytest.fixture(scope="session", autouse=True)
+def state_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Upgrade records (history.py) of the suite's throwaway VMs stay in its own folder;
+    the CLI processes the tests start inherit it."""
+    path = tmp_path_factory.mktemp("state")
+    os.environ["LIVEUPGRADE_STATE_DIR"] = str(path)
+    return path
 
 
 @pytest.fixture(scope="session")

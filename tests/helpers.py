@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import psutil
 
-from rig import FixtureVM
+from rig import FixturePaths, FixtureVM
 
 
 async def assert_guest_intact(vm: FixtureVM) -> None:
@@ -45,3 +46,21 @@ def is_running(pid: int) -> bool:
 def runtime_dirs() -> list[Path]:
     base = Path("/run/liveupgrade")
     return sorted(base.glob("upgrade-*")) if base.exists() else []
+
+
+def installed_copy(fixtures: FixturePaths, tmp_path: Path) -> tuple[Path, Path]:
+    """QEMU 7.2 "installed" under tmp_path, so a test can replace it as a package would.
+
+    A QEMU away from /usr finds neither its modules nor its firmware by itself:
+    the wrapper points it at the system's.
+    """
+    binary = tmp_path / "bin" / "qemu-system-x86_64"
+    binary.parent.mkdir()
+    shutil.copy2(os.path.realpath(fixtures.qemu_old), binary)
+    wrapper = tmp_path / "qemu"
+    dirs = " ".join(f"-L {d}" for d in ("/usr/share/qemu", "/usr/share/seabios",
+                                          "/usr/lib/ipxe/qemu"))
+    wrapper.write_text("#!/bin/sh\nQEMU_MODULE_DIR=/usr/lib/x86_64-linux-gnu/qemu "
+                       f"exec {binary} {dirs} \"$@\"\n")
+    wrapper.chmod(0o755)
+    return binary, wrapper

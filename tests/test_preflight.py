@@ -20,27 +20,9 @@ from liveupgrade.fdpass import close_all, take_fds
 from liveupgrade.target import clean_env
 from rig import FixturePaths, MemoryBacking
 from tests.conftest import VMFactory
-from tests.helpers import assert_guest_intact, qemu_pids
+from tests.helpers import assert_guest_intact, installed_copy, qemu_pids
 
 pytestmark = pytest.mark.e2e
-
-
-def installed_copy(fixtures: FixturePaths, tmp_path: Path) -> tuple[Path, Path]:
-    """QEMU 7.2 "installed" under tmp_path, so a test can replace it as a package would.
-
-    A QEMU away from /usr finds neither its modules nor its firmware by itself:
-    the wrapper points it at the system's.
-    """
-    binary = tmp_path / "bin" / "qemu-system-x86_64"
-    binary.parent.mkdir()
-    shutil.copy2(os.path.realpath(fixtures.qemu_old), binary)
-    wrapper = tmp_path / "qemu"
-    dirs = " ".join(f"-L {d}" for d in ("/usr/share/qemu", "/usr/share/seabios",
-                                          "/usr/lib/ipxe/qemu"))
-    wrapper.write_text("#!/bin/sh\nQEMU_MODULE_DIR=/usr/lib/x86_64-linux-gnu/qemu "
-                       f"exec {binary} {dirs} \"$@\"\n")
-    wrapper.chmod(0o755)
-    return binary, wrapper
 
 
 def checks(report: engine.PlanReport) -> dict[str, bool]:
