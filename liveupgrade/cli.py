@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from liveupgrade import __version__
+from liveupgrade.apthook import POLICY, REPORT, SNIPPET
 from liveupgrade.bugs import KNOWN_BUGS
 from liveupgrade.errors import LiveUpgradeError, UsageError
 from liveupgrade.modes import Mode
@@ -111,6 +112,22 @@ proceed, 1 if it would be refused, 2 for bad usage.
 checks that can be overridden with --force NAME: {', '.join(sorted(FORCEABLE))};
 and the known QEMU bugs ({', '.join(sorted(KNOWN_BUGS))}). Every other check
 guards the guest's safety and cannot be forced.
+"""
+
+APT_HOOK_HELP = f"""\
+Runs liveupgrade after apt: `install` writes {SNIPPET} (a DPkg::Post-Invoke
+hook) and, if missing, the policy {POLICY}:
+
+  action    off | report | upgrade: what to do when a dpkg run left VMs on a
+            replaced QEMU binary or library (default: report)
+  modes     the modes an unattended upgrade may use (default: shared,
+            cpr-transfer); a VM that needs another is reported, not upgraded
+  parallel  upgrades at a time; timeout  seconds before one rolls back
+
+The hook never fails or holds up apt: it decides in a fraction of a second and
+hands upgrades to a detached process. What it found and did is appended to
+{REPORT} and sent to syslog where one listens. `remove` takes the snippet out
+(policy and report stay); `status` shows both and the report's last line.
 """
 
 METRICS_HELP = """\
@@ -212,6 +229,13 @@ def build_parser() -> argparse.ArgumentParser:
     rc.add_argument("--all", action="store_true", help="every interrupted upgrade on this host")
     rc.add_argument("--json", action="store_true", help="print one JSON document on stdout")
 
+    ah = sub.add_parser("apt-hook", help="act after apt replaced QEMU: install, remove, status",
+                        description=APT_HOOK_HELP, formatter_class=raw)
+    ah.add_argument("action", choices=["install", "remove", "status", "run"],
+                    help="install/remove the apt snippet, show its status; `run` is what apt "
+                         "calls after each dpkg run")
+    ah.add_argument("--json", action="store_true", help="print one JSON document on stdout")
+
     mt = sub.add_parser("metrics", help="the host's QEMUs and last upgrades, for Prometheus",
                         description=METRICS_HELP, formatter_class=raw)
     mt.add_argument("--textfile", type=Path, metavar="PATH",
@@ -294,6 +318,17 @@ async def _run(args: argparse.Namespace, display: ProgressDisplay) -> tuple[Any,
         return [v.to_json() for v in vms], "", True
     if args.command == "recover":
         return await _recover(args)
+    if args.command == "apt-hook":
+        from liveupgrade import apthook
+
+        if args.action == "run":
+            await apthook.run()
+            return None, "", True
+        if args.action == "status":
+            state = apthook.status()
+            return state, "\n".join(f"{k}: {v}" for k, v in state.items()), True
+        done = apthook.install() if args.action == "install" else apthook.remove()
+        return {"done": done}, "\n".join(done), True
     if args.command == "metrics":
         from liveupgrade import metrics
 

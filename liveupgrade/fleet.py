@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,9 +31,12 @@ class FleetOutcome:
 
 async def upgrade_all_stale(target: Path | None, parallel: int = 1,
                             on_event: engine.EventCallback | None = None,
+                            choose_mode: Callable[[int, str], Awaitable[str]] | None = None,
                             **options: Any) -> list[FleetOutcome]:
     """Upgrade each stale VM to `target`, or to whatever binary is now at its own path.
 
+    `choose_mode(pid, binary)`, if given, picks each VM's mode or raises a
+    LiveUpgradeError saying why that VM is left alone (the apt hook's policy).
     One VM's failure does not stop the others; each outcome says what happened.
     """
     stale = [vm for vm in await list_vms() if vm.stale]
@@ -50,7 +54,10 @@ async def upgrade_all_stale(target: Path | None, parallel: int = 1,
 
         async with limit:
             try:
-                outcome.result = await engine.upgrade(vm.pid, binary, on_event=relay, **options)
+                chosen = {} if choose_mode is None else {"mode": await choose_mode(vm.pid,
+                                                                                   binary)}
+                outcome.result = await engine.upgrade(vm.pid, binary, on_event=relay,
+                                                      **options | chosen)
             except LiveUpgradeError as e:
                 outcome.error, outcome.fix = str(e), e.fix
         return outcome
