@@ -64,3 +64,28 @@ def installed_copy(fixtures: FixturePaths, tmp_path: Path) -> tuple[Path, Path]:
                        f"exec {binary} {dirs} \"$@\"\n")
     wrapper.chmod(0o755)
     return binary, wrapper
+
+
+def relocatable_qemu(prefix: Path) -> Path:
+    """Debian's QEMU 7.2 "installed" under prefix/bin, as a package would put it.
+
+    Debian's QEMU finds its modules and firmware relative to its own binary
+    (../lib/x86_64-linux-gnu/qemu, ../share/qemu, ...): those folders are
+    linked to the system's, so the copy runs with no wrapper and /proc/PID/exe
+    is this path, which a test can then replace as a package upgrade does.
+    """
+    binary = prefix / "bin" / "qemu-system-x86_64"
+    binary.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy2("/usr/bin/qemu-system-x86_64", binary)
+    for system in ("lib/x86_64-linux-gnu/qemu", "share/qemu", "share/seabios", "lib/ipxe/qemu"):
+        link = prefix / system
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(Path("/usr") / system)
+    return binary
+
+
+def replace_as_a_package_would(binary: Path) -> None:
+    """A package upgrade: the new file is written beside and renamed over the old one."""
+    fresh = binary.with_name(f".{binary.name}.new")
+    shutil.copy2(binary, fresh)
+    fresh.replace(binary)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -18,7 +17,7 @@ from liveupgrade import apthook
 from liveupgrade.inventory import list_vms
 from rig import MemoryBacking
 from tests.conftest import VMFactory
-from tests.helpers import assert_guest_intact, exe_of
+from tests.helpers import assert_guest_intact, exe_of, relocatable_qemu
 
 pytestmark = pytest.mark.e2e
 
@@ -28,22 +27,14 @@ BINARY = PREFIX / "bin" / "qemu-system-x86_64"
 
 
 def build_deb(tmp_path: Path, version: str) -> Path:
-    """A package holding Debian's QEMU 7.2 binary, in the layout a relocatable QEMU
-    resolves its module and firmware folders from (../lib/..., ../share/...), linked to
-    the system's."""
+    """A package holding Debian's QEMU 7.2 binary (tests.helpers.relocatable_qemu)."""
     root = tmp_path / f"pkg-{version}"
     (root / "DEBIAN").mkdir(parents=True)
     (root / "DEBIAN" / "control").write_text(
         f"Package: {PACKAGE}\nVersion: {version}\nArchitecture: amd64\n"
         "Maintainer: liveupgrade tests <root@localhost>\n"
         "Description: a QEMU binary the liveupgrade tests replace under a running VM\n")
-    binary = root / BINARY.relative_to("/")
-    binary.parent.mkdir(parents=True)
-    shutil.copy2("/usr/bin/qemu-system-x86_64", binary)
-    for system in ("lib/x86_64-linux-gnu/qemu", "share/qemu", "share/seabios", "lib/ipxe/qemu"):
-        link = root / PREFIX.relative_to("/") / system
-        link.parent.mkdir(parents=True, exist_ok=True)
-        link.symlink_to(Path("/usr") / system)
+    relocatable_qemu(root / PREFIX.relative_to("/"))
     deb = tmp_path / f"{PACKAGE}_{version}_amd64.deb"
     subprocess.run(["dpkg-deb", "-Zgzip", "-z1", "--build", str(root), str(deb)], check=True,
                    capture_output=True)

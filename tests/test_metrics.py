@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -15,7 +14,7 @@ from liveupgrade import engine
 from liveupgrade.errors import Refused
 from rig import FixturePaths, MemoryBacking
 from tests.conftest import VMFactory
-from tests.helpers import installed_copy
+from tests.helpers import installed_copy, replace_as_a_package_would
 
 pytestmark = pytest.mark.e2e
 
@@ -79,9 +78,7 @@ async def test_a_stale_vm_is_counted(fixtures: FixturePaths, make_vm: VMFactory,
     """Stale as after a package upgrade: the binary the VM runs was replaced on disk."""
     binary, wrapper = installed_copy(fixtures, tmp_path)
     vm = await make_vm(wrapper, backing=MemoryBacking.FILE, name="lu-metrics-stale")
-    replacement = binary.with_name("qemu-new")
-    shutil.copy2(binary, replacement)
-    replacement.replace(binary)  # what dpkg does: a new inode at the same path
+    replace_as_a_package_would(binary)
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "liveupgrade", "metrics", stdout=asyncio.subprocess.PIPE)
     out, _ = await proc.communicate()
