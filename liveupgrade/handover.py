@@ -335,3 +335,24 @@ def rewrite_log(cmd: CommandLine) -> Path | None:
 def held_elsewhere(held: list[HeldPath], handled: set[int]) -> list[HeldPath]:
     """The held paths whose option was not handed over by fd (they are relocated)."""
     return [h for h in held if id(h.option) not in handled and h.kind != "vnc"]
+
+
+def client_sockets(cmd: CommandLine) -> list[str]:
+    """What happens to each socket chardev that connects out (no server=on): the new
+    QEMU, started from the same command line, connects to the same listener when it
+    starts, while the old one is still connected; the old connection closes when the
+    old QEMU is killed after switchover. A QMP client of a control monitor on it (e.g.
+    Proxmox's qmeventd) sees the old QEMU's STOP, the new connection's RESUME, and no
+    SHUTDOWN (tests/test_client_sockets.py)."""
+    notes = []
+    for opt in cmd.find("chardev"):
+        if opt.prop("backend") != "socket" or is_socket_server(opt):
+            continue
+        ident = opt.prop("id")
+        where = opt.prop("path") or f"{opt.prop('host')}:{opt.prop('port')}"
+        control = any(o.name == "mon" and o.prop("chardev") == ident
+                      and o.prop("mode") == "control" for o in cmd.options)
+        what = "QMP monitor (client)" if control else "socket (client)"
+        notes.append(f"chardev {ident}: {what} to {where}: the new QEMU connects there at "
+                     "start, beside the old one; the old connection closes after switchover")
+    return notes

@@ -18,6 +18,7 @@ from liveupgrade.errors import Refused, UsageError
 from liveupgrade.handover import (
     SourceFds,
     VncHandover,
+    client_sockets,
     held_elsewhere,
     rewrite_listeners,
     rewrite_log,
@@ -81,6 +82,7 @@ class DestinationPlan:
     handed_over: list[str] = field(default_factory=list)  # what runs on source fds
     vnc: VncHandover | None = None
     log_path: Path | None = None  # the -D file: the destination's stderr appends to it
+    connects_out: list[str] = field(default_factory=list)  # client sockets (handover.py)
 
 
 def _set_machine(cmd: CommandLine, machine: str) -> None:
@@ -199,6 +201,7 @@ def build_destination(source_argv: list[str], *, target_binary: Path, machine: s
     numbers = numbers or {}
     inherited = facts.at_start(cmd)
     held = held_paths(cmd)
+    connects_out = client_sockets(cmd)
     handled, handed_over = rewrite_listeners(cmd, facts, numbers)
     handed_over += rewrite_taps(cmd, facts, numbers)
     relocations = []
@@ -224,4 +227,4 @@ def build_destination(source_argv: list[str], *, target_binary: Path, machine: s
             "transport": "socket", "type": "unix", "path": str(cpr_path)}}))
     taps = sorted(facts.taps.values())
     return DestinationPlan(cmd.argv(), qmp_path, migrate_path, cpr_path, relocations,
-                           inherited, taps, handed_over, vnc, log_path)
+                           inherited, taps, handed_over, vnc, log_path, connects_out)

@@ -141,6 +141,7 @@ class PlanReport:
             if self.destination else [],
             "inherited_fds": self.destination.inherited_fds if self.destination else [],
             "handed_over": self.destination.handed_over if self.destination else [],
+            "client_sockets": self.destination.connects_out if self.destination else [],
         }
 
     def render(self) -> str:
@@ -163,6 +164,9 @@ class PlanReport:
                              f"{', '.join(map(str, self.destination.inherited_fds))}, "
                              "duplicated (pidfd_getfd) and passed at start:")
                 lines += [f"  {item}" for item in self.destination.handed_over]
+            if self.destination.connects_out:
+                lines.append("sockets the VM connects out on (the new QEMU connects too):")
+                lines += [f"  {item}" for item in self.destination.connects_out]
             if self.destination.relocations:
                 lines.append("moved into place after the old QEMU exits:")
                 lines += [f"  {r.private} -> {r.original}" for r in self.destination.relocations]
