@@ -14,7 +14,7 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -108,8 +108,10 @@ class Destination:
         return None if self.proc is None else self.proc.returncode
 
     async def start(self, taken: Mapping[int, int], ctx: context.SourceContext,
-                    env: dict[str, str], log: DestinationLog, log_fd: int) -> None:
-        """Start it on `taken` (the source's descriptors, duplicated into this process).
+                    env: dict[str, str], log: DestinationLog, log_fd: int,
+                    also: Sequence[int] = ()) -> None:
+        """Start it on `taken` (the source's descriptors, duplicated into this process)
+        and `also` (descriptors opened for it, e.g. a fresh /dev/vhost-net).
 
         From here until its monitor answers, the taps' vnet header size is
         guarded (fdpass.VnetHeaderGuard): a starting QEMU resets it under the
@@ -124,7 +126,7 @@ class Destination:
             self.proc = await asyncio.create_subprocess_exec(
                 *self.plan.argv, stdin=subprocess.DEVNULL, stdout=log_fd, stderr=log_fd,
                 env=env, start_new_session=True, umask=0o077,
-                pass_fds=list(taken.values()), preexec_fn=joiner.preexec())
+                pass_fds=[*taken.values(), *also], preexec_fn=joiner.preexec())
         except (OSError, subprocess.SubprocessError) as e:
             raise DestinationFailed(f"cannot start {self.plan.argv[0]}: {e}") from e
         finally:

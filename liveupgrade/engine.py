@@ -377,7 +377,8 @@ async def make_plan(proc: source.SourceProcess, client: monitor.Monitor, binary:
         if check.name in forced and not check.ok:
             check.forced = True
     return PlanReport(proc, state, info, pf, transfer, destination, ctx,
-                      None if rebuild is None else lambda numbers: rebuild(numbers=numbers))
+                      None if rebuild is None else
+                      lambda numbers, vhost: rebuild(numbers=numbers, vhost_fds=vhost))
 
 
 def _check_runnable(pf: Preflight, ctx: context.SourceContext, info: target.TargetInfo) -> None:
@@ -453,8 +454,13 @@ async def _start_destination(txn: journal.Journal, undo: _Undo, report: PlanRepo
     src, transfer = report.vm, report.transfer
     taken = fdpass.take_fds(src.pid, report.destination.inherited_fds)
     try:
+        vhost = fdpass.open_vhost_net(src.pid, report.destination.vhost_netdevs)
+    except BaseException:
+        fdpass.close_all(taken.values())
+        raise
+    try:
         # The same plan, with the descriptors numbered as this process holds them.
-        plan = report.rebuild(taken)
+        plan = report.rebuild(taken, vhost)
         private_dirs = [rel.private.parent for rel in plan.relocations]
         for folder in private_dirs:
             folder.mkdir(mode=0o700, exist_ok=True)
@@ -473,11 +479,11 @@ async def _start_destination(txn: journal.Journal, undo: _Undo, report: PlanRepo
         try:
             await destination.start(taken, report.context,
                                     target.clean_env(src.environ if managed else None),
-                                    log, log_fd)
+                                    log, log_fd, also=list(vhost.values()))
         finally:
             os.close(log_fd)
     finally:
-        fdpass.close_all(taken.values())
+        fdpass.close_all([*taken.values(), *vhost.values()])
     txn.record("destination-started", destination={
         "pid": destination.pid, "create_time": procs.create_time(destination.pid),
         "qmp_path": str(plan.qmp_path)})

@@ -19,7 +19,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from liveupgrade.errors import Refused
+from liveupgrade.errors import DestinationFailed, Refused
 
 SYS_PIDFD_GETFD = 438  # same number on every architecture since Linux 5.6
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -71,6 +71,24 @@ def _access_fix(err: int | None) -> str:
     if err == errno.ENOSYS:
         return "the kernel lacks pidfd_getfd (Linux >= 5.6 is needed)"
     return "check that the QEMU process is still running"
+
+
+def open_vhost_net(pid: int, netdevs: list[str]) -> dict[str, int]:
+    """A fresh /dev/vhost-net for each vhost netdev, as the source sees the device
+    (through its root: libvirt gives each domain a private /dev). Opened here, as root,
+    like libvirt does for an unprivileged QEMU; the new QEMU becomes its owner."""
+    opened: dict[str, int] = {}
+    try:
+        for ident in netdevs:
+            opened[ident] = os.open(f"/proc/{pid}/root/dev/vhost-net",
+                                    os.O_RDWR | os.O_CLOEXEC)
+    except OSError as e:
+        close_all(opened.values())
+        raise DestinationFailed(
+            f"cannot open /dev/vhost-net for the new QEMU's netdev(s) "
+            f"{', '.join(netdevs)}: {e.strerror}",
+            "run liveupgrade as root on a host with the vhost_net module loaded") from e
+    return opened
 
 
 def close_all(fds: object) -> None:

@@ -6,9 +6,12 @@ and a listening socket re-created at its address leaves a gap in which
 clients are refused. So the destination is given the source's own
 descriptors, duplicated with pidfd_getfd:
 
-- single-queue tap netdevs become ``fd=`` netdevs (a vhost fd named in the
-  source's argv is handed over too; otherwise the destination opens
-  /dev/vhost-net); multiqueue taps are refused (see gather);
+- single-queue tap netdevs become ``fd=`` netdevs; multiqueue taps are
+  refused (see gather). A netdev that uses vhost-net gets a *fresh*
+  /dev/vhost-net, opened by the engine (``vhostfd=``), never the source's: a
+  vhost device belongs to the process that issued VHOST_SET_OWNER, and the
+  kernel answers EBUSY to a second owner (drivers/vhost/vhost.c,
+  vhost_dev_set_owner), so the source's device is of no use to the new QEMU;
 - listening unix sockets of chardevs, QMP, HMP and serial become
   ``-chardev socket,fd=N,server=on`` on the very same socket;
 - a VNC display starts on a private unix socket and, after switchover, is
@@ -31,6 +34,7 @@ from typing import Any
 
 from liveupgrade.cmdline import CommandLine, KeyVals, Option
 from liveupgrade.endpoints import (
+    TRUE_WORDS,
     HeldPath,
     control_chardevs,
     is_socket_server,
@@ -55,14 +59,14 @@ class SourceFds:
     """The source's descriptors that an upgrade hands over, by what uses them."""
 
     taps: dict[str, int] = field(default_factory=dict)  # netdev id -> its tap fd
-    vhost: dict[str, int] = field(default_factory=dict)  # netdev id -> vhost fd from argv
+    vhost: set[str] = field(default_factory=set)  # tap netdevs that use vhost-net
     tap_problems: dict[str, str] = field(default_factory=dict)  # netdev id -> why not
     unix_listeners: dict[str, int] = field(default_factory=dict)  # bound path -> fd
     tcp_listeners: dict[int, list[int]] = field(default_factory=dict)  # port -> fds
 
     def at_start(self, cmd: CommandLine) -> list[int]:
         """The fds the destination needs when it starts (taps, chardev listeners)."""
-        fds = [*self.taps.values(), *self.vhost.values()]
+        fds = list(self.taps.values())
         for opt in cmd.options:
             fd = listener_fd(opt, self)
             if fd is not None:
@@ -119,9 +123,13 @@ def gather(pid: int, cmd: CommandLine, info_network: str) -> SourceFds:
             facts.tap_problems[ident] = (
                 f"no /dev/net/tun descriptor of interface {ifnames.get(ident, '?')} "
                 "found in the process")
-        vhost = _fd_list(opt.prop("vhostfd")) or _fd_list(opt.prop("vhostfds"))
-        if vhost and ident in facts.taps:
-            facts.vhost[ident] = vhost[0]
+        if ident in facts.taps and uses_vhost(opt):
+            facts.vhost.add(ident)
+    # A vhost device in the fd table, and one tap that says nothing of vhost (vhost=on is
+    # the default of a manager's own wrapper, e.g.): that tap uses it.
+    if len(facts.taps) == 1 and not facts.vhost and any(f.target == "/dev/vhost-net"
+                                                         for f in fds):
+        facts.vhost.update(facts.taps)
     inode_fd = {f.socket_inode: f.fd for f in fds if f.socket_inode is not None}
     for inode, path in _unix_listening(pid):
         if inode in inode_fd:
@@ -178,18 +186,34 @@ def _tcp_listening(pid: int) -> list[tuple[int, int]]:
 
 # ---- pure rewriting of the destination's command line --------------------------------
 
-def rewrite_taps(cmd: CommandLine, facts: SourceFds, numbers: Mapping[int, int]) -> list[str]:
-    """Turn every tap netdev into one on the source's descriptors; returns what was done."""
+def uses_vhost(opt: Option) -> bool:
+    """Whether a tap netdev asks for vhost-net (vhost=on, or a vhost descriptor given)."""
+    vhost = opt.prop("vhost")
+    return (vhost is not None and vhost.lower() in TRUE_WORDS) or bool(
+        opt.prop("vhostfd") or opt.prop("vhostfds"))
+
+
+def rewrite_taps(cmd: CommandLine, facts: SourceFds, numbers: Mapping[int, int],
+                 vhost_fds: Mapping[str, int] | None = None) -> list[str]:
+    """Turn every tap netdev into one on the source's descriptors; returns what was done.
+
+    A vhost netdev gets `vhost_fds[id]` (a fresh /dev/vhost-net the engine opened) as
+    its vhostfd; in a plan, before any is opened, it keeps vhost=on alone.
+    """
     done = []
     for index, opt in enumerate(o for o in cmd.options if is_tap(o)):
         ident = opt.prop("id") or f"__org.qemu.nic{index}"
         fd = facts.taps.get(ident)
         if fd is None:
             continue
-        changes = {"fd": str(numbers.get(fd, fd))}
-        vhost = facts.vhost.get(ident)
-        if vhost is not None:
-            changes["vhostfd"] = str(numbers.get(vhost, vhost))
+        changes: dict[str, Any] = {"fd": str(numbers.get(fd, fd))}
+        note = ""
+        if ident in facts.vhost:
+            changes["vhost"] = True if opt.is_json else "on"
+            if vhost_fds and ident in vhost_fds:
+                changes["vhostfd"] = str(vhost_fds[ident])
+            note = ("; vhost-net: a fresh /dev/vhost-net opened by liveupgrade (the "
+                    "source's stays its own: the kernel lets only its owner use it)")
         if opt.is_json:
             data = {k: v for k, v in opt.json().items() if k not in TAP_OPEN_KEYS}
             data.update(changes)
@@ -199,9 +223,9 @@ def rewrite_taps(cmd: CommandLine, facts: SourceFds, numbers: Mapping[int, int])
             for key in TAP_OPEN_KEYS:
                 kv.remove(key)
             for key, value in changes.items():
-                kv.set(key, value)
+                kv.set(key, str(value))
             opt.value = kv.render()
-        done.append(f"tap netdev {ident}: source fd(s) {fd}")
+        done.append(f"tap netdev {ident}: source fd(s) {fd}{note}")
     return done
 
 

@@ -83,6 +83,7 @@ class DestinationPlan:
     vnc: VncHandover | None = None
     log_path: Path | None = None  # the -D file: the destination's stderr appends to it
     connects_out: list[str] = field(default_factory=list)  # client sockets (handover.py)
+    vhost_netdevs: list[str] = field(default_factory=list)  # each gets a fresh /dev/vhost-net
 
 
 def _set_machine(cmd: CommandLine, machine: str) -> None:
@@ -173,13 +174,15 @@ def build_destination(source_argv: list[str], *, target_binary: Path, machine: s
                       mode: Mode, rundir: Path, overrides: list[Override] | None = None,
                       token: str | None = None, fds: SourceFds | None = None,
                       numbers: Mapping[int, int] | None = None,
+                      vhost_fds: Mapping[str, int] | None = None,
                       target_version: QemuVersion | None = None) -> DestinationPlan:
     """The destination argv: the source's, with the changes an upgrade needs.
 
     - the new binary, and the source's concrete versioned machine type;
     - -S and -incoming defer (plus the cpr channel for cpr-transfer);
     - taps and listening sockets on the source's own descriptors (`fds`,
-      numbered in the destination as `numbers` says; see handover.py);
+      numbered in the destination as `numbers` says; see handover.py), a vhost
+      netdev on a fresh /dev/vhost-net (`vhost_fds`, by netdev id);
     - other listening sockets and the pidfile at a private path beside the
       original, moved into place after the source exits;
     - VNC on a private socket until it takes over the source's after switchover;
@@ -203,7 +206,7 @@ def build_destination(source_argv: list[str], *, target_binary: Path, machine: s
     held = held_paths(cmd)
     connects_out = client_sockets(cmd)
     handled, handed_over = rewrite_listeners(cmd, facts, numbers)
-    handed_over += rewrite_taps(cmd, facts, numbers)
+    handed_over += rewrite_taps(cmd, facts, numbers, vhost_fds)
     relocations = []
     for h in held_elsewhere(held, handled):
         private = private_sibling(h.path, token)
@@ -227,4 +230,5 @@ def build_destination(source_argv: list[str], *, target_binary: Path, machine: s
             "transport": "socket", "type": "unix", "path": str(cpr_path)}}))
     taps = sorted(facts.taps.values())
     return DestinationPlan(cmd.argv(), qmp_path, migrate_path, cpr_path, relocations,
-                           inherited, taps, handed_over, vnc, log_path, connects_out)
+                           inherited, taps, handed_over, vnc, log_path, connects_out,
+                           sorted(facts.vhost))

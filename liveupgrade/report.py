@@ -110,8 +110,9 @@ class PlanReport:
     transfer: Transfer | None
     destination: DestinationPlan | None
     context: SourceContext | None = None
-    # The same destination with the source fds renumbered as the engine holds them.
-    rebuild: Callable[[dict[int, int]], DestinationPlan] | None = None
+    # The same destination with the source fds renumbered as the engine holds them,
+    # and fresh vhost-net descriptors by netdev id.
+    rebuild: Callable[[dict[int, int], dict[str, int]], DestinationPlan] | None = None
 
     @property
     def ok(self) -> bool:

@@ -58,6 +58,7 @@ class VMConfig:
     network: TapNetwork | None = None
     tap: str = "ifname"  # "ifname", "fd" (opened by a manager), "qemu" (QEMU creates one),
     #                      "mq" (two queues on a multi_queue tap)
+    vhost: bool = False  # vhost=on on the tap netdev (needs /dev/vhost-net)
     console_socket: bool = False
     vnc: bool = False
     debug_log: bool = False
@@ -172,6 +173,7 @@ class FixtureVM(StartStop):
                    "mq": f"tap,id=net0,ifname={c.network.tap},script=no,downscript=no,queues=2",
                    }[c.tap]
             mq = ",mq=on,vectors=6" if c.tap == "mq" else ""
+            tap += ",vhost=on" if c.vhost else ""
             args += ["-netdev", tap,
                      "-device", f"virtio-net-pci,netdev=net0,mac={c.network.guest_mac}{mq}"]
         if c.vnc:

@@ -41,12 +41,41 @@ def test_an_ifname_tap_becomes_an_fd_tap_without_the_open_only_keys() -> None:
     assert done == ["tap netdev net0: source fd(s) 11"]
 
 
-def test_libvirt_json_taps_keep_their_vhost_fd() -> None:
+def test_a_vhost_netdev_gets_a_fresh_vhost_fd_never_the_sources() -> None:
+    """libvirt passes vhostfd=: the new QEMU gets the engine's fresh /dev/vhost-net (fd 60),
+    not the source's 28 (the kernel binds a vhost device to its first owner)."""
     c = cmd("-netdev", '{"type":"tap","fd":"26","vhost":true,"vhostfd":"28","id":"hostnet0"}')
-    rewrite_taps(c, SourceFds(taps={"hostnet0": 26}, vhost={"hostnet0": 28}), {26: 52, 28: 53})
+    facts = SourceFds(taps={"hostnet0": 26}, vhost={"hostnet0"})
+    assert facts.at_start(c) == [26]  # the source's vhost descriptor is not taken
+    done = rewrite_taps(c, facts, {26: 52}, {"hostnet0": 60})
     (second,) = c.find("netdev")
     assert json.loads(second.value or "") == {"type": "tap", "vhost": True, "id": "hostnet0",
-                                              "fd": "52", "vhostfd": "53"}
+                                              "fd": "52", "vhostfd": "60"}
+    assert "a fresh /dev/vhost-net" in done[0]
+
+
+def test_proxmox_vhost_on_keeps_vhost_and_gets_the_fresh_fd() -> None:
+    c = cmd("-netdev", "type=tap,id=net0,ifname=tap100i0,script=/var/lib/qemu-server/pve-bridge,"
+            "downscript=/var/lib/qemu-server/pve-bridgedown,vhost=on")
+    rewrite_taps(c, SourceFds(taps={"net0": 30}, vhost={"net0"}), {30: 41}, {"net0": 42})
+    assert c.first("netdev").value == "type=tap,id=net0,vhost=on,fd=41,vhostfd=42"  # type: ignore[union-attr]
+    # In a plan (nothing opened yet) the netdev keeps vhost=on alone.
+    c = cmd("-netdev", "tap,id=net0,ifname=tap100i0,vhostfd=9,vhost=on")
+    rewrite_taps(c, SourceFds(taps={"net0": 30}, vhost={"net0"}), {})
+    assert c.first("netdev").value == "tap,id=net0,vhost=on,fd=30"  # type: ignore[union-attr]
+
+
+def test_a_planned_destination_lists_its_vhost_netdevs(tmp_path: Path) -> None:
+    argv = ["/usr/bin/qemu-system-x86_64", "-netdev", "tap,id=n0,fd=26,vhost=on,vhostfd=27",
+            "-netdev", "tap,id=n1,fd=28", "-device", "virtio-net-pci,netdev=n0"]
+    facts = SourceFds(taps={"n0": 26, "n1": 28}, vhost={"n0"})
+    plan = build_destination(argv, target_binary=Path("/usr/bin/qemu-new"),
+                             machine="pc-i440fx-7.2", mode=Mode.SHARED, rundir=tmp_path,
+                             fds=facts, numbers={26: 70, 28: 71}, vhost_fds={"n0": 72})
+    assert plan.vhost_netdevs == ["n0"]
+    assert "tap,id=n0,vhost=on,fd=70,vhostfd=72" in plan.argv
+    assert "tap,id=n1,fd=71" in plan.argv
+    assert plan.inherited_fds == [26, 28]
 
 
 def test_listening_sockets_are_served_from_the_source_fd() -> None:

@@ -10,8 +10,10 @@ accepting clients.
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
@@ -79,6 +81,39 @@ async def test_tcp_ping_consoles_and_vnc_survive_an_upgrade(
     await assert_guest_intact(vm)
     print(f"\nnetwork: {seen.pings_lost}/{seen.pings_sent} pings lost, longest TCP stall "
           f"{seen.longest_tcp_stall_ms:.0f} ms, re-accept gaps {seen.accept_gaps_ms}")
+
+
+@pytest.mark.skipif(not Path("/dev/vhost-net").exists(),
+                    reason="no /dev/vhost-net on this host (no vhost_net module): vhost-net is "
+                           "tested at command-line level only (tests/test_handover.py)")
+async def test_a_vhost_net_nic_gets_a_fresh_vhost_device_and_keeps_its_traffic(
+        fixtures: FixturePaths, make_vm: VMFactory, network: TapNetwork):
+    """Where the kernel has vhost-net: the new QEMU must get a vhost device of its own
+    (the source's is bound to the source: VHOST_SET_OWNER answers EBUSY to another)."""
+    vm = await make_vm(fixtures.qemu_old, guest=GuestKind.LINUX, ram_mib=512, network=network,
+                       vhost=True, heartbeat_us=10000)
+    source_vhost = {os.readlink(f"/proc/{vm.pid}/fd/{fd}") for fd in os.listdir(
+        f"/proc/{vm.pid}/fd")} & {"/dev/vhost-net"}
+    assert source_vhost, "the source QEMU did not open /dev/vhost-net"
+
+    async def upgrade(at_switchover: Callable[[], None]) -> UpgradeResult:
+        def note(event: UpgradeEvent) -> None:
+            if event.phase == "switchover":
+                at_switchover()
+        return await engine.upgrade(vm.pid, fixtures.qemu_new, on_event=note)
+
+    seen = await observe_network(vm, network, upgrade, pings=PINGS)
+    result = seen.action_result
+    assert isinstance(result, UpgradeResult)
+    assert seen.stream_faults == [], seen.stream_faults
+    assert seen.pings_sent == PINGS and seen.pings_lost <= 10, seen
+    netdev = CommandLine.parse(result.destination_argv).by_id("netdev", "net0")
+    assert netdev is not None and netdev.prop("vhost") == "on" and netdev.prop("vhostfd")
+    assert any("a fresh /dev/vhost-net" in h for h in result.handed_over)
+    assert "/dev/vhost-net" in {os.readlink(f"/proc/{result.destination_pid}/fd/{fd}")
+                                for fd in os.listdir(f"/proc/{result.destination_pid}/fd")}
+    assert tap_fds(result.destination_pid) == [network.tap]
+    await assert_guest_intact(vm)
 
 
 async def test_a_tap_passed_by_fd_is_handed_over_twice(
