@@ -63,6 +63,9 @@ class VMConfig:
     vnc: bool = False
     debug_log: bool = False
     pidfile: bool = False  # -pidfile in the VM's folder, as managers write one
+    # The command line Proxmox's qemu-server writes for VM <vmid> (see proxmox_argv), with
+    # its /var/run paths moved into the VM's folder.
+    proxmox_vmid: int | None = None
 
 
 class GuestStartError(RuntimeError):
@@ -117,6 +120,9 @@ class FixtureVM(StartStop):
         self.uuid = str(uuidlib.uuid4())
         self.dir = Path(tempfile.mkdtemp(prefix="lu-vm-", dir="/dev/shm"))
         self.qmp_path = self.dir / "qmp.sock"
+        if config.proxmox_vmid is not None:
+            (self.dir / "qemu-server").mkdir()
+            self.qmp_path = self.pve_path("qmp")
         self.heartbeat = HeartbeatServer(self.dir / "hb.sock")
         self.process: asyncio.subprocess.Process | None = None
         self.boot_seconds: float | None = None
@@ -136,7 +142,18 @@ class FixtureVM(StartStop):
 
     @property
     def pidfile_path(self) -> Path:
+        if self.config.proxmox_vmid is not None:
+            return self.pve_path("pid")
         return self.dir / "qemu.pid"
+
+    def pve_path(self, kind: str) -> Path:
+        """/var/run/qemu-server/<vmid>.<kind>, in the VM's folder."""
+        return self.dir / "qemu-server" / f"{self.config.proxmox_vmid}.{kind}"
+
+    @property
+    def qmeventd_path(self) -> Path:
+        """Where Proxmox's qmeventd listens (/var/run/qmeventd.sock), in the VM's folder."""
+        return self.dir / "qmeventd.sock"
 
     @property
     def debug_log_path(self) -> Path:
@@ -178,6 +195,8 @@ class FixtureVM(StartStop):
                      "-device", f"virtio-net-pci,netdev=net0,mac={c.network.guest_mac}{mq}"]
         if c.vnc:
             args += ["-vnc", "127.0.0.1:0"]
+        if c.proxmox_vmid is not None:
+            args = self._as_proxmox_writes_it(args)
         if c.debug_log:
             args += ["-D", str(self.debug_log_path), "-d", "guest_errors"]
         if c.pidfile:
@@ -204,6 +223,51 @@ class FixtureVM(StartStop):
                 "-device", "virtio-blk-pci,drive=disk0,id=vblk0",
             ]
         return args + c.extra_args
+
+    def _as_proxmox_writes_it(self, args: list[str]) -> list[str]:
+        """What qemu-server (Proxmox VE 8) writes, on the options it shares with us.
+
+        Its QMP monitor as a chardev + -mon; a second, client-mode monitor to
+        qmeventd (reconnect=5); -pidfile and -vnc unix: under /var/run/qemu-server;
+        -name with debug-threads; the UUID as -smbios type=1 (no -uuid); -no-shutdown;
+        -boot; a balloon; the tap by ifname with pve-bridge/pve-bridgedown scripts.
+        Adapted where this machine forces it: no -id and no "+pve0" machine suffix
+        (Proxmox's own QEMU patches), TCG instead of -cpu kvm64,enforce, no vhost=on
+        (no /dev/vhost-net), no -daemonize (the rig keeps QEMU as its child).
+        """
+        out: list[str] = []
+        for before, arg in zip(["", *args], args, strict=False):
+            if "-qmp" in (before, arg):  # the monitor is a chardev + -mon below
+                continue
+            if before == "-name":
+                arg = f"{arg},debug-threads=on"
+            elif before == "-uuid":
+                out[-1] = "-smbios"
+                arg = f"type=1,uuid={self.uuid}"
+            elif arg.startswith("tap,id=net0,ifname="):
+                arg = (f"type=tap,id=net0,ifname={self.config.network.tap},"  # type: ignore[union-attr]
+                       f"script={self._bridge_script('pve-bridge')},"
+                       f"downscript={self._bridge_script('pve-bridgedown')}")
+            elif before == "-vnc":
+                arg = f"unix:{self.pve_path('vnc')}"
+            out.append(arg)
+        return [
+            *out,
+            "-chardev", f"socket,id=qmp,path={self.qmp_path},server=on,wait=off",
+            "-mon", "chardev=qmp,mode=control",
+            "-chardev", f"socket,id=qmp-event,path={self.qmeventd_path},reconnect=5",
+            "-mon", "chardev=qmp-event,mode=control",
+            "-pidfile", str(self.pidfile_path), "-no-shutdown",
+            "-boot", "menu=on,strict=on,reboot-timeout=1000",
+            "-device", "virtio-balloon-pci,id=balloon0,bus=pci.0,addr=0x3"]
+
+    def _bridge_script(self, name: str) -> Path:
+        """A stand-in for /var/lib/qemu-server/pve-bridge: records its calls, succeeds."""
+        script = self.dir / name
+        if not script.exists():
+            script.write_text(f'#!/bin/sh\necho "{name} $*" >> {self.dir / "bridge.log"}\n')
+            script.chmod(0o755)
+        return script
 
     async def start(self, boot_timeout: float | None = None) -> None:
         """Boot the guest and return once its first heartbeat has arrived."""

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from rig import FixturePaths, FixtureVM, VMConfig, find_fixtures
+from rig import FixturePaths, FixtureVM, TapNetwork, VMConfig, find_fixtures
 from rig.kvm import decide_accel
 from rig.libvirt_vm import LibvirtFixtureVM, ensure_daemons, qemu_for
 
@@ -81,3 +81,10 @@ async def lvm(libvirt_daemons: list[str], fixtures: FixturePaths
     """A persistent libvirt domain running the microguest on QEMU 7.2."""
     async with LibvirtFixtureVM(fixtures) as vm:
         yield vm
+
+
+@pytest.fixture
+def network() -> Iterator[TapNetwork]:
+    """A private network namespace with a tap for a guest's NIC (rig.netns)."""
+    with TapNetwork() as net:
+        yield net

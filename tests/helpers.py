@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
 import shutil
+import socket
+import struct
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
@@ -89,3 +95,49 @@ def replace_as_a_package_would(binary: Path) -> None:
     fresh = binary.with_name(f".{binary.name}.new")
     shutil.copy2(binary, fresh)
     fresh.replace(binary)
+
+
+@dataclass
+class Connection:
+    pid: int
+    opened: float
+    closed: float | None = None
+    events: list[tuple[str, float]] = field(default_factory=list)
+
+
+class QMPEventListener:
+    """Listens where the VM's client-mode monitor connects; speaks QMP as its client
+    (answers the greeting with qmp_capabilities) and records every event per connection,
+    with the connecting process (SO_PEERCRED) and when it closed."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.connections: list[Connection] = []
+        self._server: asyncio.AbstractServer | None = None
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_unix_server(self._serve, path=str(self.path))
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        sock = writer.get_extra_info("socket")
+        pid, _, _ = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                        struct.calcsize("3i")))
+        conn = Connection(pid, time.monotonic())
+        self.connections.append(conn)
+        try:
+            while line := await reader.readline():
+                message = json.loads(line)
+                if "QMP" in message:
+                    writer.write(b'{"execute": "qmp_capabilities"}\n')
+                    await writer.drain()
+                elif "event" in message:
+                    conn.events.append((message["event"], time.monotonic()))
+        except (ConnectionError, ValueError):
+            pass
+        finally:
+            conn.closed = time.monotonic()
+            writer.close()

@@ -5,11 +5,7 @@ connects to sees, e.g. Proxmox's qmeventd (a QMP client of `-chardev socket,...,
 from __future__ import annotations
 
 import asyncio
-import json
-import socket
-import struct
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -17,55 +13,9 @@ import pytest
 from liveupgrade import engine
 from rig import FixturePaths, MemoryBacking
 from tests.conftest import VMFactory
-from tests.helpers import assert_guest_intact
+from tests.helpers import QMPEventListener, assert_guest_intact
 
 pytestmark = pytest.mark.e2e
-
-
-@dataclass
-class Connection:
-    pid: int
-    opened: float
-    closed: float | None = None
-    events: list[tuple[str, float]] = field(default_factory=list)
-
-
-class QMPEventListener:
-    """Listens where the VM's client-mode monitor connects; speaks QMP as its client
-    (answers the greeting with qmp_capabilities) and records every event per connection,
-    with the connecting process (SO_PEERCRED) and when it closed."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.connections: list[Connection] = []
-        self._server: asyncio.AbstractServer | None = None
-
-    async def start(self) -> None:
-        self._server = await asyncio.start_unix_server(self._serve, path=str(self.path))
-
-    async def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        sock = writer.get_extra_info("socket")
-        pid, _, _ = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
-                                                        struct.calcsize("3i")))
-        conn = Connection(pid, time.monotonic())
-        self.connections.append(conn)
-        try:
-            while line := await reader.readline():
-                message = json.loads(line)
-                if "QMP" in message:
-                    writer.write(b'{"execute": "qmp_capabilities"}\n')
-                    await writer.drain()
-                elif "event" in message:
-                    conn.events.append((message["event"], time.monotonic()))
-        except (ConnectionError, ValueError):
-            pass
-        finally:
-            conn.closed = time.monotonic()
-            writer.close()
 
 
 async def test_a_qmp_client_daemon_sees_the_new_qemu_connect_before_the_old_one_goes(

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import os
 import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -28,12 +28,6 @@ from tests.conftest import VMFactory
 from tests.helpers import assert_guest_intact, qemu_pids
 
 PINGS = 300  # 3 s at 100/s, around the upgrade
-
-
-@pytest.fixture
-def network() -> Iterator[TapNetwork]:
-    with TapNetwork() as net:
-        yield net
 
 
 def tap_fds(pid: int) -> list[str]:
