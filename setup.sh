@@ -2,6 +2,7 @@
 # One idempotent setup for a fresh Debian 12 machine (run as root):
 #   - Debian's QEMU 7.2 and the tools the test guests are built with;
 #   - QEMU 10.0.x from bookworm-backports, extracted into .deps/ with a wrapper;
+#   - QEMU 11.1.x from trixie-backports with its own library root, and a wrapper;
 #   - a Debian kernel extracted into .deps/ for the linuxguest;
 #   - the fixture guests in qemu-fixtures/build/;
 #   - a venv in .venv/ with liveupgrade installed editable, with test tools.
@@ -14,7 +15,7 @@ log() { printf 'setup: %s\n' "$*" >&2; }
 
 # --- 1. Debian packages ---------------------------------------------------
 packages=(qemu-system-x86 qemu-utils busybox-static gcc libc6-dev make cpio xz-utils python3-venv
-          iproute2 iputils-ping libvirt-daemon-system libvirt-clients libvirt-dev pkg-config)
+          iproute2 iputils-ping libvirt-daemon-system libvirt-clients libvirt-dev pkg-config patchelf)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
@@ -88,6 +89,56 @@ WRAP
 chmod 0755 "$deps/bin/qemu-system-x86_64-10.0"
 ln -sf /usr/bin/qemu-system-x86_64 "$deps/bin/qemu-system-x86_64-7.2"
 
+# --- 2b. QEMU 11.1.x from trixie-backports, with a private runtime root -----
+# Built for Debian 13 (glibc >= 2.38, t64 libraries), so unlike 10.0 it cannot
+# run on Debian 12's libraries: its whole library closure is extracted beside it
+# (apt-cache depends --recurse, the lib*/gcc-* packages), and the binary's
+# interpreter and DT_RPATH point there (DT_RPATH, not RUNPATH: RUNPATH does not
+# serve the libraries' own dependencies). Its SDL modules are dropped (a headless
+# host has no SDL3; qom-list-types would fail loading them).
+qemu11=$deps/qemu-11.1
+qemu11_packages=(qemu-system-x86 qemu-system-common qemu-system-data qemu-system-gui
+                 qemu-system-modules-opengl qemu-block-extra)
+qemu11_stamp=$qemu11/complete-$(echo "${qemu11_packages[*]}" | md5sum | cut -c1-8)
+if [ ! -f "$qemu11_stamp" ]; then
+    uri=$(mirror_uri) || { log "no Debian mirror found in /etc/apt sources"; exit 1; }
+    log "fetching QEMU 11.1 and its Debian 13 libraries from trixie-backports via $uri"
+    a11=(-o Dir::Etc::SourceList="$deps/apt11/sources.list" -o Dir::Etc::SourceParts=/dev/null
+         -o Dir::State::Lists="$deps/apt11/lists" -o Dir::Cache="$deps/apt11/cache"
+         -o Dir::State::status=/dev/null)
+    mkdir -p "$deps/apt11/lists/partial" "$deps/apt11/cache/archives/partial"
+    printf 'deb %s trixie main\ndeb %s trixie-backports main\n' "$uri" "$uri" \
+        > "$deps/apt11/sources.list"
+    apt-get "${a11[@]}" update -q
+    version=$(apt-cache "${a11[@]}" madison qemu-system-x86 | awk -F'|' '{gsub(/ /,"",$2); print $2}' \
+        | grep -E '^1:11\.1\.' | head -n 1)
+    [ -n "$version" ] || { log "trixie-backports has no QEMU 11.1.x"; exit 1; }
+    closure=$(apt-cache "${a11[@]}" depends --recurse --no-recommends --no-suggests --no-conflicts \
+        --no-breaks --no-replaces --no-enhances "${qemu11_packages[@]/%/=$version}" \
+        | grep -E '^(lib|gcc)' | sort -u)
+    rm -rf "$qemu11" && mkdir -p "$qemu11/debs"
+    chmod 0777 "$qemu11/debs"  # apt's download sandbox user writes here
+    # shellcheck disable=SC2086  # one package name per word
+    (cd "$qemu11/debs" && apt-get "${a11[@]}" download -q "${qemu11_packages[@]/%/=$version}" $closure)
+    for deb in "$qemu11"/debs/*.deb; do dpkg -x "$deb" "$qemu11/root"; done
+    rm -rf "$qemu11/debs"
+    lib=$qemu11/root/usr/lib/x86_64-linux-gnu
+    patchelf --set-interpreter "$lib/ld-linux-x86-64.so.2" --force-rpath \
+        --set-rpath "$lib:$lib/pulseaudio" "$qemu11/root/usr/bin/qemu-system-x86_64"
+    rm -f "$lib/qemu/ui-sdl.so" "$lib/qemu/audio-sdl.so"
+    echo "$version" > "$qemu11/version"
+    touch "$qemu11_stamp"
+fi
+cat > "$deps/bin/qemu-system-x86_64-11.1" <<WRAP
+#!/bin/sh
+# QEMU 11.1 from trixie-backports with its own Debian 13 library root (setup.sh).
+# Its modules must come from its own build ("Only modules from the same build").
+QEMU_MODULE_DIR=$qemu11/root/usr/lib/x86_64-linux-gnu/qemu
+export QEMU_MODULE_DIR
+exec $qemu11/root/usr/bin/qemu-system-x86_64 "\$@"
+WRAP
+chmod 0755 "$deps/bin/qemu-system-x86_64-11.1"
+
 # --- 3. A Debian kernel for the linuxguest (extracted, /boot untouched) -----
 kernel=$deps/kernel
 if [ ! -d "$kernel/lib/modules" ]; then
@@ -129,4 +180,4 @@ fi
 # from source by every process (~60 ms of each `liveupgrade` command's start-up).
 # Python still checks each .pyc against its source, so an edited file is never stale.
 "$root/.venv/bin/python" -m compileall -q "$root/liveupgrade"
-log "ready: QEMU 7.2 $(/usr/bin/qemu-system-x86_64 --version | head -n 1 | awk '{print $4}'), QEMU $(cat "$qemu10/version")"
+log "ready: QEMU 7.2 $(/usr/bin/qemu-system-x86_64 --version | head -n 1 | awk '{print $4}'), QEMU $(cat "$qemu10/version"), QEMU $(cat "$qemu11/version")"

@@ -101,7 +101,7 @@ class MemorySampler:
 
 
 def binaries(fx: FixturePaths, pair: str) -> tuple[Path, Path]:
-    pick = {"7.2": fx.qemu_old, "10.0": fx.qemu_new}
+    pick = {"7.2": fx.qemu_old, "10.0": fx.qemu_new, "11.1": fx.qemu_11}
     old, new = pair.split("->")
     return pick[old], pick[new]
 
@@ -255,6 +255,8 @@ def matrix(quick: bool) -> list[Case]:
                 Case("raw-qmp", "shared", r, d, "7.2->10.0"),
                 Case("liveupgrade", "cpr-transfer", r, d, "10.0->10.0"),
                 Case("raw-qmp", "cpr-transfer", r, d, "10.0->10.0"),
+                Case("liveupgrade", "cpr-transfer", r, d, "10.0->11.1"),
+                Case("raw-qmp", "cpr-transfer", r, d, "10.0->11.1"),
                 Case("liveupgrade", "copy", r, d, "10.0->10.0"),
                 Case("raw-qmp", "copy", r, d, "10.0->10.0"),
                 Case("save-restore", "-", r, d, "7.2->10.0"),

@@ -76,6 +76,13 @@ def _why_not_cpr(f: ModeInputs) -> str | None:
                 f"target {f.target_version})")
     if "mode" not in f.target_params:
         return "the target has no migration 'mode' parameter"
+    older = (f.target_version.major, f.target_version.minor) < (f.source_version.major,
+                                                              f.source_version.minor)
+    if older:
+        return (f"cpr-transfer to an older QEMU ({f.source_version.major}."
+                f"{f.source_version.minor} -> {f.target_version.major}."
+                f"{f.target_version.minor}) fails: the older QEMU cannot load the newer one's "
+                "CPR state (measured 11.1 -> 10.0: 'vmstate_load_state error -2')")
     if not f.memory.all_shared:
         return f"guest RAM is {f.memory.summary}; cpr-transfer needs share=on memory backends"
     if not f.memory.aux_ram_share:

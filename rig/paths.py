@@ -19,6 +19,7 @@ class FixturePaths:
 
     qemu_old: Path
     qemu_new: Path
+    qemu_11: Path  # QEMU 11.1 from trixie-backports, with its own library root
     microguest: Path
     linux_kernel: Path
     linux_initrd: Path
@@ -27,7 +28,8 @@ class FixturePaths:
 def find_fixtures(root: Path | None = None) -> FixturePaths:
     """Locate the fixtures; environment variables override each binary.
 
-    LIVEUPGRADE_QEMU_OLD / LIVEUPGRADE_QEMU_NEW point at other QEMU builds, so
+    LIVEUPGRADE_QEMU_OLD / LIVEUPGRADE_QEMU_NEW / LIVEUPGRADE_QEMU_11 point at other QEMU
+    builds, so
     the same tests run against an operator's own pair of versions.
     """
     base = root or REPO_ROOT
@@ -36,6 +38,7 @@ def find_fixtures(root: Path | None = None) -> FixturePaths:
     paths = FixturePaths(
         qemu_old=Path(os.environ.get("LIVEUPGRADE_QEMU_OLD", bins / "qemu-system-x86_64-7.2")),
         qemu_new=Path(os.environ.get("LIVEUPGRADE_QEMU_NEW", bins / "qemu-system-x86_64-10.0")),
+        qemu_11=Path(os.environ.get("LIVEUPGRADE_QEMU_11", bins / "qemu-system-x86_64-11.1")),
         microguest=build / "microguest.elf",
         linux_kernel=build / "linuxguest-vmlinuz",
         linux_initrd=build / "linuxguest-initrd.gz",
