@@ -34,6 +34,7 @@ if TYPE_CHECKING:  # only the engine's side uses these: the keeper itself starts
 
 READY_TIMEOUT = 10.0
 DONE = b"done"
+JOURNAL_ENV = "LIVEUPGRADE_KEEPER_JOURNAL"
 PACKAGE_PARENT = str(Path(__file__).resolve().parents[1])
 
 
@@ -60,7 +61,9 @@ class Keeper:
 
         from liveupgrade.errors import LiveUpgradeError
 
-        env = dict(os.environ)
+        # The journal's path (it names the VM's UUID) goes in the environment, not
+        # argv: whoever looks for the VM's processes by UUID finds only its QEMUs.
+        env = dict(os.environ, **{JOURNAL_ENV: str(journal_path)})
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [PACKAGE_PARENT,
                                                           env.get("PYTHONPATH")]))
         life_r, life_w = os.pipe()
@@ -68,8 +71,8 @@ class Keeper:
         log = os.open(log_path(), os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
         try:
             proc = subprocess.Popen(
-                [sys.executable, "-S", "-m", "liveupgrade.keeper", str(journal_path),
-                 str(life_r), str(ready_w), str(lock_fd)], stdin=subprocess.DEVNULL,
+                [sys.executable, "-S", "-m", "liveupgrade.keeper", str(life_r), str(ready_w),
+                 str(lock_fd)], stdin=subprocess.DEVNULL,
                 stdout=log, stderr=log, pass_fds=[life_r, ready_w, lock_fd],
                 start_new_session=True, env=env)
         except OSError as e:
@@ -143,8 +146,8 @@ def watch(journal_path: Path, lifeline: int, ready: int, lock_fd: int) -> int:
 
 
 def main(argv: list[str]) -> int:
-    journal_path, lifeline, ready, lock_fd = argv
-    return watch(Path(journal_path), int(lifeline), int(ready), int(lock_fd))
+    lifeline, ready, lock_fd = argv
+    return watch(Path(os.environ[JOURNAL_ENV]), int(lifeline), int(ready), int(lock_fd))
 
 
 if __name__ == "__main__":

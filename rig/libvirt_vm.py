@@ -170,9 +170,10 @@ class LibvirtFixtureVM(StartStop):
         """Live QEMU processes of this domain (by its UUID on the command line)."""
         found = []
         for proc in psutil.process_iter(["cmdline", "status"]):
-            if proc.info.get("status") == psutil.STATUS_ZOMBIE:
+            argv = proc.info.get("cmdline") or []
+            if proc.info.get("status") == psutil.STATUS_ZOMBIE or not argv:
                 continue
-            if any(self.uuid in arg for arg in proc.info.get("cmdline") or []):
+            if "qemu-system" in Path(argv[0]).name and any(self.uuid in arg for arg in argv):
                 found.append(proc)
         return found
 
