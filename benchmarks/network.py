@@ -33,11 +33,11 @@ from typing import Any
 
 from benchmarks.bench import fmt, machine_facts, summarize
 from benchmarks.raw_qmp import raw_upgrade
-from liveupgrade import engine, fdpass
-from liveupgrade.report import UpgradeEvent, UpgradeResult
+from liveupgrade import fdpass
+from liveupgrade.report import UpgradeResult
 from rig import FixtureVM, GuestKind, TapNetwork, VMConfig, find_fixtures
 from rig.kvm import decide_accel_async
-from rig.probes import NetworkObservation, observe_network, vnc_banner
+from rig.probes import NetworkObservation, observe_network, observe_upgrade, vnc_banner
 
 DEFAULT_OUT = Path(__file__).parent / "results" / "network"
 RUN_TIMEOUT = 300.0  # one run takes ~30 s; a hang is reported, not waited out
@@ -111,13 +111,7 @@ async def one_run(accel: str) -> list[dict[str, Any]]:
 
             floor = await observe_network(vm, net, stop_cont)
 
-            async def upgrade(mark: Callable[[], None]) -> UpgradeResult:
-                def note(event: UpgradeEvent) -> None:
-                    if event.phase == "switchover":
-                        mark()
-                return await engine.upgrade(vm.pid, fx.qemu_new, on_event=note)
-
-            seen = await observe_network(vm, net, upgrade)
+            seen = await observe_upgrade(vm, net, fx.qemu_new)
             returned = time.monotonic()
             reader, writer = await net.connect("127.0.0.1", vm.VNC_PORT)
             ok = (await vnc_banner(reader)).startswith(b"RFB ")

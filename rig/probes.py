@@ -184,3 +184,21 @@ async def observe_network(vm: FixtureVM, network: TapNetwork,
         sent, received, list(stream.faults), stream.longest_stall * 1e3,
         {name: p.longest_gap(origin, done + 0.2) * 1e3 for name, p in probes.items()},
         result, vm.heartbeat.log.max_gap(origin, origin).seconds * 1e3)
+
+
+async def observe_upgrade(vm: FixtureVM, network: TapNetwork, target: Path,
+                          source: str | int | None = None, pings: int = 300
+                          ) -> NetworkObservation:
+    """observe_network around a liveupgrade upgrade of `vm` (or of `source`: its PID, QMP
+    path or name) to `target`, with the accept gaps counted from switchover."""
+    from liveupgrade import engine
+    from liveupgrade.report import UpgradeEvent
+
+    async def upgrade(at_switchover: Callable[[], None]) -> object:
+        def note(event: UpgradeEvent) -> None:
+            if event.phase == "switchover":
+                at_switchover()
+        return await engine.upgrade(vm.pid if source is None else source, target,
+                                    on_event=note)
+
+    return await observe_network(vm, network, upgrade, pings=pings)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import os
 import subprocess
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -21,9 +20,9 @@ from liveupgrade import engine
 from liveupgrade.cmdline import CommandLine
 from liveupgrade.errors import Refused
 from liveupgrade.fdpass import open_fds
-from liveupgrade.report import UpgradeEvent, UpgradeResult
+from liveupgrade.report import UpgradeResult
 from rig import FixturePaths, GuestKind, TapNetwork
-from rig.probes import ECHO_PORT, observe_network, vnc_banner
+from rig.probes import ECHO_PORT, observe_upgrade, vnc_banner
 from tests.conftest import VMFactory
 from tests.helpers import assert_guest_intact, qemu_pids
 
@@ -40,13 +39,7 @@ async def test_tcp_ping_consoles_and_vnc_survive_an_upgrade(
                        console_socket=True, vnc=True, debug_log=True, heartbeat_us=10000)
     vm.debug_log_path.write_text("written before the upgrade\n")
 
-    async def upgrade(at_switchover: Callable[[], None]) -> UpgradeResult:
-        def note(event: UpgradeEvent) -> None:
-            if event.phase == "switchover":
-                at_switchover()
-        return await engine.upgrade(vm.pid, fixtures.qemu_new, on_event=note)
-
-    seen = await observe_network(vm, network, upgrade, pings=PINGS)
+    seen = await observe_upgrade(vm, network, fixtures.qemu_new, pings=PINGS)
     result = seen.action_result
     assert isinstance(result, UpgradeResult)
     # The TCP connection carried on: no reset, no lost, repeated or reordered record.
@@ -90,13 +83,7 @@ async def test_a_vhost_net_nic_gets_a_fresh_vhost_device_and_keeps_its_traffic(
         f"/proc/{vm.pid}/fd")} & {"/dev/vhost-net"}
     assert source_vhost, "the source QEMU did not open /dev/vhost-net"
 
-    async def upgrade(at_switchover: Callable[[], None]) -> UpgradeResult:
-        def note(event: UpgradeEvent) -> None:
-            if event.phase == "switchover":
-                at_switchover()
-        return await engine.upgrade(vm.pid, fixtures.qemu_new, on_event=note)
-
-    seen = await observe_network(vm, network, upgrade, pings=PINGS)
+    seen = await observe_upgrade(vm, network, fixtures.qemu_new, pings=PINGS)
     result = seen.action_result
     assert isinstance(result, UpgradeResult)
     assert seen.stream_faults == [], seen.stream_faults

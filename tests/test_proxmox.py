@@ -5,15 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
 
 import pytest
 
-from liveupgrade import engine
 from liveupgrade.cmdline import CommandLine
-from liveupgrade.report import UpgradeEvent, UpgradeResult
+from liveupgrade.report import UpgradeResult
 from rig import FixturePaths, GuestKind, TapNetwork
-from rig.probes import observe_network, vnc_banner
+from rig.probes import observe_upgrade, vnc_banner
 from tests.conftest import VMFactory
 from tests.helpers import QMPEventListener, assert_guest_intact, qemu_pids
 
@@ -32,15 +30,8 @@ async def test_a_proxmox_shaped_vm_keeps_network_monitors_pidfile_and_vnc(
             assert time.monotonic() < deadline
             await asyncio.sleep(0.05)
         assert (vm.dir / "bridge.log").read_text() == f"pve-bridge {network.tap}\n"
-
-        async def upgrade(at_switchover: Callable[[], None]) -> UpgradeResult:
-            def note(event: UpgradeEvent) -> None:
-                if event.phase == "switchover":
-                    at_switchover()
-            # As Proxmox's tooling reaches a VM: its /var/run/qemu-server/<vmid>.qmp.
-            return await engine.upgrade(str(vm.qmp_path), fixtures.qemu_new, on_event=note)
-
-        seen = await observe_network(vm, network, upgrade, pings=300)
+        # As Proxmox's tooling reaches a VM: its /var/run/qemu-server/<vmid>.qmp.
+        seen = await observe_upgrade(vm, network, fixtures.qemu_new, str(vm.qmp_path))
         await asyncio.sleep(0.3)
     finally:
         await qmeventd.close()
