@@ -627,7 +627,10 @@ async def _resume(progress: _Progress, txn: journal.Journal, destination: Destin
             except MonitorError as e:
                 raise TransferFailed(f"the destination would not resume the guest: {e}; "
                                      "the VM runs on the source") from e
-        txn.record("resumed")
+        # Never a reason to roll back now: without this record the journal still says
+        # switchover, and a repair asks the destination, which runs the guest.
+        with contextlib.suppress(OSError):
+            txn.record("resumed")
 
 
 async def _finish(progress: _Progress, txn: journal.Journal, session: SourceSession,
