@@ -86,7 +86,7 @@ class Keeper:
         return cls(proc, life_w, ready_r)
 
     async def armed(self) -> None:
-        """Wait until the keeper runs its watch (before the engine changes anything)."""
+        """Confirm the keeper runs its watch (the engine asks before the migration)."""
         import asyncio
 
         from liveupgrade.errors import LiveUpgradeError
@@ -97,12 +97,11 @@ class Keeper:
                                           READY_TIMEOUT)
         except TimeoutError:
             word = b""
-        if word != b"ready":
-            await self.dismiss(ended=True)
+        if word != b"ready":  # the caller rolls back, then closes the transaction
             raise LiveUpgradeError(
                 "the upgrade's keeper process did not start, so nothing could finish the "
-                f"upgrade if this command died: nothing was changed (see {log_path()})",
-                "check that `python -m liveupgrade.keeper` runs with this interpreter")
+                f"upgrade if this command died; it was rolled back (see {log_path()})",
+                "check that `python -S -m liveupgrade.keeper` runs with this interpreter")
 
     async def dismiss(self, ended: bool) -> None:
         """Let the keeper go. `ended` (the journal is removed): it exits at once, and we do
