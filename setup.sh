@@ -44,14 +44,45 @@ mirror_uri() {
     done
     return 1
 }
-apt_private() {
-    apt-get -o Dir::Etc::SourceList="$deps/apt/sources.list" -o Dir::Etc::SourceParts=/dev/null \
-        -o Dir::State::Lists="$deps/apt/lists" -o Dir::Cache="$deps/apt/cache" "$@"
+# apt-get or apt-cache ($2) on a private apt state in folder $1 (its own
+# sources.list, lists and cache, no installed packages): the system's apt is never
+# touched. Call private_apt_state first.
+apt_in() {
+    local state=$1 tool=$2
+    shift 2
+    "$tool" -o Dir::Etc::SourceList="$state/sources.list" -o Dir::Etc::SourceParts=/dev/null \
+        -o Dir::State::Lists="$state/lists" -o Dir::Cache="$state/cache" \
+        -o Dir::State::status=/dev/null "$@"
 }
-apt_cache_private() {
-    apt-cache -o Dir::Etc::SourceList="$deps/apt/sources.list" -o Dir::Etc::SourceParts=/dev/null \
-        -o Dir::State::Lists="$deps/apt/lists" -o Dir::Cache="$deps/apt/cache" "$@"
+private_apt_state() {  # FOLDER SUITE...: sources for those suites of this machine's mirror
+    local state=$1 uri suite
+    shift
+    uri=$(mirror_uri) || { log "no Debian mirror found in /etc/apt sources"; exit 1; }
+    mkdir -p "$state/lists/partial" "$state/cache/archives/partial"
+    for suite in "$@"; do echo "deb $uri $suite main"; done > "$state/sources.list"
+    log "reading $* from $uri"
+    apt_in "$state" apt-get update -q
 }
+newest() {  # STATE PREFIX: the newest version of qemu-system-x86 starting with PREFIX
+    apt_in "$1" apt-cache madison qemu-system-x86 | awk -F'|' '{gsub(/ /,"",$2); print $2}' \
+        | grep -E "^1:${2//./\\.}\\." | head -n 1
+}
+# .deps/bin/qemu-system-x86_64-NAME runs the QEMU extracted under ROOT with its own
+# modules ("Only modules from the same build can be loaded"). Written only when it
+# changes: liveupgrade's probe cache is keyed by the wrapper's mtime.
+qemu_wrapper() {  # NAME ROOT WHAT
+    local file=$deps/bin/qemu-system-x86_64-$1 text
+    text="#!/bin/sh
+# $3, extracted by setup.sh.
+QEMU_MODULE_DIR=$2/usr/lib/x86_64-linux-gnu/qemu
+export QEMU_MODULE_DIR
+exec $2/usr/bin/qemu-system-x86_64 \"\$@\""
+    if [ ! -f "$file" ] || [ "$(cat "$file")" != "$text" ]; then
+        printf '%s\n' "$text" > "$file"
+        chmod 0755 "$file"
+    fi
+}
+mkdir -p "$deps/bin"
 qemu10=$deps/qemu-10.0
 # Every module package too: QEMU looks a module up in QEMU_MODULE_DIR, then in
 # the system's folder, and a 7.2 module found there aborts a 10.0 QEMU
@@ -60,33 +91,19 @@ qemu10_packages=(qemu-system-x86 qemu-system-common qemu-system-data qemu-system
                  qemu-system-modules-opengl qemu-system-modules-spice qemu-block-extra)
 qemu10_stamp=$qemu10/complete-$(echo "${qemu10_packages[*]}" | md5sum | cut -c1-8)
 if [ ! -f "$qemu10_stamp" ]; then
-    uri=$(mirror_uri) || { log "no Debian bookworm mirror found in /etc/apt sources"; exit 1; }
-    log "fetching QEMU 10.0 from bookworm-backports via $uri"
-    mkdir -p "$deps/apt/lists/partial" "$deps/apt/cache/archives/partial"
-    echo "deb $uri bookworm-backports main" > "$deps/apt/sources.list"
-    apt_private update -q
-    version=$(apt_cache_private madison qemu-system-x86 | awk -F'|' '{gsub(/ /,"",$2); print $2}' \
-        | grep -E '^1:10\.0\.' | head -n 1)
+    private_apt_state "$deps/apt" bookworm-backports
+    version=$(newest "$deps/apt" 10.0)
     [ -n "$version" ] || { log "bookworm-backports has no QEMU 10.0.x"; exit 1; }
     rm -rf "$qemu10" && mkdir -p "$qemu10/debs"
     chmod 0777 "$qemu10/debs"  # apt's download sandbox user writes here
-    (cd "$qemu10/debs" && apt_private download -q "${qemu10_packages[@]/%/=$version}")
+    (cd "$qemu10/debs" && apt_in "$deps/apt" apt-get download -q "${qemu10_packages[@]/%/=$version}")
     for deb in "$qemu10"/debs/*.deb; do dpkg -x "$deb" "$qemu10/root"; done
     echo "$version" > "$qemu10/version"
     touch "$qemu10_stamp"
 fi
-mkdir -p "$deps/bin"
-cat > "$deps/bin/qemu-system-x86_64-10.0" <<WRAP
-#!/bin/sh
-# QEMU 10.0 from bookworm-backports, extracted by setup.sh. Its modules must
-# come from its own build ("Only modules from the same build can be loaded").
-# Firmware: the built-in data dir, /usr/share/qemu (Debian 12's seabios and
+# Firmware: 10.0's built-in data dir is /usr/share/qemu (Debian 12's seabios and
 # ipxe ROMs), so ROM sizes match a QEMU 7.2 source's and migration accepts them.
-QEMU_MODULE_DIR=$qemu10/root/usr/lib/x86_64-linux-gnu/qemu
-export QEMU_MODULE_DIR
-exec $qemu10/root/usr/bin/qemu-system-x86_64 "\$@"
-WRAP
-chmod 0755 "$deps/bin/qemu-system-x86_64-10.0"
+qemu_wrapper 10.0 "$qemu10/root" "QEMU 10.0 from bookworm-backports"
 ln -sf /usr/bin/qemu-system-x86_64 "$deps/bin/qemu-system-x86_64-7.2"
 
 # --- 2b. QEMU 11.1.x from trixie-backports, with a private runtime root -----
@@ -101,25 +118,17 @@ qemu11_packages=(qemu-system-x86 qemu-system-common qemu-system-data qemu-system
                  qemu-system-modules-opengl qemu-block-extra)
 qemu11_stamp=$qemu11/complete-$(echo "${qemu11_packages[*]}" | md5sum | cut -c1-8)
 if [ ! -f "$qemu11_stamp" ]; then
-    uri=$(mirror_uri) || { log "no Debian mirror found in /etc/apt sources"; exit 1; }
-    log "fetching QEMU 11.1 and its Debian 13 libraries from trixie-backports via $uri"
-    a11=(-o Dir::Etc::SourceList="$deps/apt11/sources.list" -o Dir::Etc::SourceParts=/dev/null
-         -o Dir::State::Lists="$deps/apt11/lists" -o Dir::Cache="$deps/apt11/cache"
-         -o Dir::State::status=/dev/null)
-    mkdir -p "$deps/apt11/lists/partial" "$deps/apt11/cache/archives/partial"
-    printf 'deb %s trixie main\ndeb %s trixie-backports main\n' "$uri" "$uri" \
-        > "$deps/apt11/sources.list"
-    apt-get "${a11[@]}" update -q
-    version=$(apt-cache "${a11[@]}" madison qemu-system-x86 | awk -F'|' '{gsub(/ /,"",$2); print $2}' \
-        | grep -E '^1:11\.1\.' | head -n 1)
+    private_apt_state "$deps/apt11" trixie trixie-backports
+    version=$(newest "$deps/apt11" 11.1)
     [ -n "$version" ] || { log "trixie-backports has no QEMU 11.1.x"; exit 1; }
-    closure=$(apt-cache "${a11[@]}" depends --recurse --no-recommends --no-suggests --no-conflicts \
-        --no-breaks --no-replaces --no-enhances "${qemu11_packages[@]/%/=$version}" \
+    closure=$(apt_in "$deps/apt11" apt-cache depends --recurse --no-recommends --no-suggests \
+        --no-conflicts --no-breaks --no-replaces --no-enhances "${qemu11_packages[@]/%/=$version}" \
         | grep -E '^(lib|gcc)' | sort -u)
     rm -rf "$qemu11" && mkdir -p "$qemu11/debs"
     chmod 0777 "$qemu11/debs"  # apt's download sandbox user writes here
     # shellcheck disable=SC2086  # one package name per word
-    (cd "$qemu11/debs" && apt-get "${a11[@]}" download -q "${qemu11_packages[@]/%/=$version}" $closure)
+    (cd "$qemu11/debs" && apt_in "$deps/apt11" apt-get download -q \
+        "${qemu11_packages[@]/%/=$version}" $closure)
     for deb in "$qemu11"/debs/*.deb; do dpkg -x "$deb" "$qemu11/root"; done
     rm -rf "$qemu11/debs"
     lib=$qemu11/root/usr/lib/x86_64-linux-gnu
@@ -129,15 +138,7 @@ if [ ! -f "$qemu11_stamp" ]; then
     echo "$version" > "$qemu11/version"
     touch "$qemu11_stamp"
 fi
-cat > "$deps/bin/qemu-system-x86_64-11.1" <<WRAP
-#!/bin/sh
-# QEMU 11.1 from trixie-backports with its own Debian 13 library root (setup.sh).
-# Its modules must come from its own build ("Only modules from the same build").
-QEMU_MODULE_DIR=$qemu11/root/usr/lib/x86_64-linux-gnu/qemu
-export QEMU_MODULE_DIR
-exec $qemu11/root/usr/bin/qemu-system-x86_64 "\$@"
-WRAP
-chmod 0755 "$deps/bin/qemu-system-x86_64-11.1"
+qemu_wrapper 11.1 "$qemu11/root" "QEMU 11.1 from trixie-backports with its own Debian 13 library root"
 
 # --- 3. A Debian kernel for the linuxguest (extracted, /boot untouched) -----
 kernel=$deps/kernel
