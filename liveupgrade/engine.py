@@ -148,9 +148,7 @@ class _Transaction:
                    ) -> _Transaction:
         """Take the VM's lock (refusing if an upgrade runs or was interrupted), start the
         keeper; both are released by `held`."""
-        uuid = proc.cmdline.first("uuid")
-        key = journal.vm_key(uuid.value if uuid is not None else None, proc.pid)
-        label = _vm_label(proc)
+        key, label = journal.key_of(proc.cmdline, proc.pid), _vm_label(proc)
         lock = held.enter_context(journal.claimed(key, label))
         record = journal.Journal.begin(key, vm=label, engine_pid=os.getpid(), source={
             "pid": proc.pid, "create_time": proc.create_time, "qmp_path": str(proc.qmp_path)})

@@ -125,7 +125,7 @@ async def describe(proc: psutil.Process,
     version = await (_libvirt_version(managed) if managed else _version(qmp))
     name_opt, uuid_opt = cmd.first("name"), cmd.first("uuid")
     transactions = journal.journals() if transactions is None else transactions
-    key = journal.vm_key(uuid_opt.value if uuid_opt else None, proc.pid)
+    key = journal.key_of(cmd, proc.pid)
     as_destination = journal.destination_of(argv, proc.pid, transactions)
     upgrade = (f"new QEMU of VM {as_destination.label}: {journal.describe(as_destination)}"
                if as_destination else

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from liveupgrade.cmdline import CommandLine
 from liveupgrade.errors import LiveUpgradeError, Refused
 from liveupgrade.procs import alive
 
@@ -82,6 +83,12 @@ def vm_key(uuid: str | None, pid: int) -> str:
     if uuid and all(c in "0123456789abcdefABCDEF-" for c in uuid):
         return uuid.lower()
     return f"pid-{pid}"
+
+
+def key_of(cmd: CommandLine, pid: int) -> str:
+    """The key of the VM that QEMU process `pid`, started with `cmd`, runs."""
+    uuid = cmd.first("uuid")
+    return vm_key(uuid.value if uuid is not None else None, pid)
 
 
 def step_index(step: str) -> int:

@@ -17,9 +17,11 @@ from qemu.qmp.events import EventListener
 
 from liveupgrade import monitor
 from liveupgrade.destination import event_time, set_migration
+from liveupgrade.errors import MonitorError
 from liveupgrade.source import ACTIVE_MIGRATION, SourceProcess, SourceState
 
 CANCEL_TIMEOUT = 5.0
+SETTLE_TIMEOUT = 2.0  # how long a failed migration may keep QEMU from taking new settings
 
 
 async def cancel_migration(client: monitor.Monitor) -> str:
@@ -39,15 +41,33 @@ async def cancel_migration(client: monitor.Monitor) -> str:
     return status
 
 
+async def _set_once_accepted(client: monitor.Monitor, caps: dict[str, bool],
+                             params: dict[str, Any], side: str) -> None:
+    """Set migration settings, retrying while QEMU refuses them: right after a migration
+    failed (the destination killed, say) QEMU still cleans it up for a moment and answers
+    "There's a migration process in progress". Best effort: it never fails an upgrade."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + SETTLE_TIMEOUT
+    while True:
+        try:
+            await set_migration(client, caps, params, side)
+            return
+        except MonitorError:
+            if loop.time() > deadline:
+                return
+            await asyncio.sleep(0.02)
+        except Exception:  # the QEMU is gone: nothing left to reset
+            return
+
+
 async def reset_capabilities(client: monitor.Monitor, caps: list[str], side: str) -> None:
     """Turn off the migration capabilities an upgrade set (all but `events`), so whatever
     migrates this QEMU next does not inherit them: a lone x-ignore-shared makes an
     ordinary migration fail ("Capability x-ignore-shared is off, but received capability
-    is on"). Best effort: it never fails an upgrade."""
+    is on")."""
     reset = [k for k in caps if k != "events"]
     if reset:
-        with contextlib.suppress(Exception):
-            await set_migration(client, dict.fromkeys(reset, False), {}, side)
+        await _set_once_accepted(client, dict.fromkeys(reset, False), {}, side)
 
 
 async def give_back(client: monitor.Monitor, was_running: bool, caps: list[str],
@@ -69,8 +89,7 @@ async def give_back(client: monitor.Monitor, was_running: bool, caps: list[str],
         done.append(f"resumed the guest on the source (it was {state['status']})")
     await reset_capabilities(client, caps, "source")
     if params_before:
-        with contextlib.suppress(Exception):
-            await set_migration(client, {}, params_before, "source")
+        await _set_once_accepted(client, {}, params_before, "source")
     return done
 
 
