@@ -70,13 +70,13 @@ newest() {  # STATE PREFIX: the newest version of qemu-system-x86 starting with 
 # .deps/bin/qemu-system-x86_64-NAME runs the QEMU extracted under ROOT with its own
 # modules ("Only modules from the same build can be loaded"). Written only when it
 # changes: liveupgrade's probe cache is keyed by the wrapper's mtime.
-qemu_wrapper() {  # NAME ROOT WHAT
+qemu_wrapper() {  # NAME ROOT WHAT [ARGUMENT...]
     local file=$deps/bin/qemu-system-x86_64-$1 text
     text="#!/bin/sh
 # $3, extracted by setup.sh.
 QEMU_MODULE_DIR=$2/usr/lib/x86_64-linux-gnu/qemu
 export QEMU_MODULE_DIR
-exec $2/usr/bin/qemu-system-x86_64 \"\$@\""
+exec $2/usr/bin/qemu-system-x86_64 ${*:4}${4:+ }\"\$@\""
     if [ ! -f "$file" ] || [ "$(cat "$file")" != "$text" ]; then
         printf '%s\n' "$text" > "$file"
         chmod 0755 "$file"
@@ -138,7 +138,11 @@ if [ ! -f "$qemu11_stamp" ]; then
     echo "$version" > "$qemu11/version"
     touch "$qemu11_stamp"
 fi
-qemu_wrapper 11.1 "$qemu11/root" "QEMU 11.1 from trixie-backports with its own Debian 13 library root"
+# Option ROMs (efi-virtio.rom ...): 11.1 searches /usr/share/qemu and /usr/share/seabios,
+# and Debian 12 keeps them in /usr/lib/ipxe/qemu (7.2 and 10.0 look there), so the
+# wrapper names that folder with -L: the same ROMs, the same sizes on both sides.
+qemu_wrapper 11.1 "$qemu11/root" "QEMU 11.1 from trixie-backports with its own Debian 13 library root" \
+    -L /usr/lib/ipxe/qemu
 
 # --- 3. A Debian kernel for the linuxguest (extracted, /boot untouched) -----
 kernel=$deps/kernel

@@ -55,7 +55,7 @@ class Case:
     """One row of the matrix."""
 
     method: str  # liveupgrade | raw-qmp | stop-cont | save-restore | cold-restart
-    mode: str  # shared | copy | cpr-transfer | - (baselines)
+    mode: str  # shared | copy | cpr-transfer | cpr-exec | - (baselines)
     ram_gib: int
     dirty_mib: int
     pair: str  # "7.2->10.0"
@@ -69,6 +69,7 @@ class Case:
 
 def backing_for(mode: str) -> tuple[MemoryBacking, bool]:
     return {"shared": (MemoryBacking.FILE, False), "cpr-transfer": (MemoryBacking.MEMFD, True),
+            "cpr-exec": (MemoryBacking.MEMFD, True),
             "copy": (MemoryBacking.ANONYMOUS, False)}.get(mode, (MemoryBacking.FILE, False))
 
 
@@ -170,7 +171,8 @@ async def _run_method(case: Case, vm: FixtureVM, fx: FixturePaths,
                 "ram_transferred": result.ram_transferred_bytes}
     if case.method == "raw-qmp":
         figures, proc = await raw_upgrade(vm.argv(), vm.qmp_path, target, case.mode, vm.dir)
-        extra.append(proc)
+        if proc is not None:
+            extra.append(proc)
         return {"wall_ms": figures["wall_s"] * 1e3, "qemu_downtime_ms": figures["downtime_ms"],
                 "vcpu_pause_ms": figures["vcpu_pause_ms"],
                 "qemu_total_ms": figures["total_time_ms"],
@@ -257,6 +259,8 @@ def matrix(quick: bool) -> list[Case]:
                 Case("raw-qmp", "cpr-transfer", r, d, "10.0->10.0"),
                 Case("liveupgrade", "cpr-transfer", r, d, "10.0->11.1"),
                 Case("raw-qmp", "cpr-transfer", r, d, "10.0->11.1"),
+                Case("liveupgrade", "cpr-exec", r, d, "11.1->11.1"),
+                Case("raw-qmp", "cpr-exec", r, d, "11.1->11.1"),
                 Case("liveupgrade", "copy", r, d, "10.0->10.0"),
                 Case("raw-qmp", "copy", r, d, "10.0->10.0"),
                 Case("save-restore", "-", r, d, "7.2->10.0"),
@@ -276,6 +280,13 @@ def matrix(quick: bool) -> list[Case]:
                 cases.append(Case("save-restore", "-", ram, dirty, "7.2->10.0"))
             if dirty == 0:
                 cases.append(Case("cold-restart", "-", ram, dirty, "7.2->10.0"))
+    # Today's QEMU: 11.1 in each mode (cpr-exec needs >= 10.2 on both sides: 11.1 -> 11.1),
+    # each beside its raw-QMP twin.
+    for ram in (1, 4):
+        for mode, pair in (("shared", "10.0->11.1"), ("cpr-transfer", "10.0->11.1"),
+                           ("cpr-transfer", "11.1->11.1"), ("cpr-exec", "11.1->11.1"),
+                           ("copy", "10.0->11.1")):
+            cases += [Case(method, mode, ram, 50, pair) for method in ("liveupgrade", "raw-qmp")]
     lg = "linuxguest"
     cases += [Case("stop-cont", "-", 1, 50, "7.2->7.2", lg),
               Case("liveupgrade", "shared", 1, 50, "7.2->10.0", lg),
@@ -302,7 +313,7 @@ def machine_facts(fx: FixturePaths, accel: str) -> dict[str, Any]:
                 Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")),
                platform.processor())
     versions = {}
-    for name, path in (("old", fx.qemu_old), ("new", fx.qemu_new)):
+    for name, path in (("old", fx.qemu_old), ("new", fx.qemu_new), ("11.1", fx.qemu_11)):
         out = subprocess.run([str(path), "--version"], capture_output=True, text=True).stdout
         versions[name] = out.splitlines()[0] if out else "?"
     return {"cpu": cpu, "cores": psutil.cpu_count(), "memory_gib": round(
@@ -318,8 +329,9 @@ def fmt(stat: dict[str, float] | None, digits: int = 1) -> str:
 
 def markdown(results: list[dict[str, Any]], facts: dict[str, Any], runs: int) -> str:
     lines = [f"Machine: {facts['cpu']}, {facts['cores']} cores, {facts['memory_gib']} GiB, "
-             f"kernel {facts['kernel']}, accel {facts['accel']}; {facts['qemu']['old']} / "
-             f"{facts['qemu']['new']}; {facts['date']}; median (min-max) of {runs} runs.", "",
+             f"kernel {facts['kernel']}, accel {facts['accel']}; "
+             f"{' / '.join(facts['qemu'].values())}; {facts['date']}; "
+             f"median (min-max) of {runs} runs.", "",
              "| method | mode | RAM GiB | dirty MiB/s | versions | guest | guest pause ms | "
              "vCPU pause ms (STOP->RESUME) | QEMU downtime ms | QEMU total ms | wall ms | "
              "RAM sent MiB | extra host MiB |",
@@ -460,9 +472,13 @@ def main() -> int:
     parser.add_argument("--debug", action="store_true", help="stop at the first failure")
     parser.add_argument("--publish", type=Path, nargs="+", metavar="RESULTS_DIR",
                         help="merge results folders into docs/performance/ and stop")
+    parser.add_argument("--into", default="", metavar="SUBDIR",
+                        help="with --publish: docs/performance/SUBDIR instead (a run on "
+                             "another machine gets its own table, under its own facts)")
     args = parser.parse_args()
     if args.publish:
-        publish(args.publish, Path(__file__).resolve().parents[1] / "docs" / "performance")
+        publish(args.publish,
+                Path(__file__).resolve().parents[1] / "docs" / "performance" / args.into)
         return 0
     return asyncio.run(main_async(args))
 

@@ -39,14 +39,17 @@ async def raw_upgrade(source_argv: list[str], source_qmp: Path, target: Path, mo
                       workdir: Path, *, rewrite: Callable[[list[str]], list[str]] | None = None,
                       pass_fds: Sequence[int] = (), preexec_fn: Callable[[], None] | None = None,
                       source_pid: int | None = None, before_cont: Callable[[], None] | None = None
-                      ) -> tuple[dict[str, Any], subprocess.Popen[bytes]]:
-    """Upgrade with bare QMP; QEMU's figures, the wall time, and the new process.
+                      ) -> tuple[dict[str, Any], subprocess.Popen[bytes] | None]:
+    """Upgrade with bare QMP; QEMU's figures, the wall time, and the new process (None for
+    cpr-exec: the VM's own process becomes the new QEMU).
 
     `rewrite` edits the destination's argv further (e.g. a tap by fd from
     `pass_fds`); `preexec_fn` runs in it before exec (e.g. joining the VM's
     network namespace). With `source_pid` the old QEMU is killed as the engine
     does, else it is asked to quit. `before_cont` is called at switchover.
     """
+    if mode == "cpr-exec":
+        return await _raw_exec(source_argv, source_qmp, target, workdir), None
     started = time.monotonic()
     dst_qmp = workdir / "raw-dst-qmp.sock"
     mig = workdir / "raw-mig.sock"
@@ -127,6 +130,42 @@ async def raw_upgrade(source_argv: list[str], source_qmp: Path, target: Path, mo
             "vcpu_pause_ms": vcpu_pause,
             "total_time_ms": info.get("total-time"),
             "ram_transferred": (info.get("ram") or {}).get("transferred")}, proc
+
+
+async def _raw_exec(source_argv: list[str], source_qmp: Path, target: Path,
+                    workdir: Path) -> dict[str, Any]:
+    """cpr-exec by hand: the source execs the target on its own argv plus -incoming file:,
+    which loads the state and resumes by itself; reconnect to the same QMP path."""
+    started = time.monotonic()
+    state = workdir / "raw-cpr-exec.state"
+    argv = [str(target), *source_argv[1:], "-incoming", f"file:{state}"]
+    src = QMPClient("raw-src")
+    await src.connect(str(source_qmp))
+    stops = EventListener(("STOP",))
+    src.register_listener(stops)
+    await src.execute("migrate-set-parameters", {"mode": "cpr-exec", "cpr-exec-command": argv})
+    await src.execute("migrate", {"uri": f"file:{state}"})
+    with contextlib.suppress(Exception):
+        while True:  # until the old image's monitor goes away with it
+            await src.execute("query-migrate")
+            await asyncio.sleep(0.002)
+    stop_times = stops.clear()
+    with contextlib.suppress(Exception):
+        await src.disconnect()
+    new = QMPClient("raw-new")
+    while True:
+        try:
+            await new.connect(str(source_qmp))
+            break
+        except Exception:
+            await asyncio.sleep(0.001)
+    while not (await new.execute("query-status"))["running"]:  # type: ignore[index]
+        await asyncio.sleep(0.001)
+    running_wall, resumed = time.time(), time.monotonic()
+    await new.disconnect()
+    return {"wall_s": resumed - started, "downtime_ms": None,
+            "vcpu_pause_ms": (running_wall - _stamp(stop_times[-1])) * 1e3 if stop_times
+            else None, "total_time_ms": None, "ram_transferred": 0}
 
 
 def main(args: list[str]) -> int:

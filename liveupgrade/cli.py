@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from liveupgrade import __version__
+from liveupgrade import __version__, ramconvert
 from liveupgrade.apthook import POLICY, REPORT, SNIPPET
 from liveupgrade.bugs import KNOWN_BUGS
 from liveupgrade.errors import LiveUpgradeError, UsageError
@@ -43,6 +43,13 @@ modes:
                 -machine aux-ram-share=on.
   copy          RAM is copied over a private unix socket (multifd where both
                 sides have it). Works for any VM; takes seconds per GiB.
+  cpr-exec      QEMU >= 10.2 on both sides, never chosen by auto: the VM's own
+                process execs the new QEMU and keeps its PID (pidfiles, cgroups
+                stay valid). Needs what cpr-transfer needs; refused under
+                -sandbox spawn=deny, with vhost-net and for libvirt VMs. The new
+                QEMU is first rehearsed on the VM's command line; once the exec
+                is done there is no old process to fall back to. Pause: tens of
+                ms (the new QEMU starts inside it).
 
 devices:
   Taps (-netdev tap, by name, created by QEMU, or passed as fd=) and listening
@@ -188,6 +195,14 @@ def _add_transfer_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="append", default=[], metavar="NAME",
                    help="override a named non-safety check or accept a known QEMU bug "
                         f"(repeatable): {', '.join(sorted(FORCEABLE | set(KNOWN_BUGS)))}")
+    p.add_argument("--convert-ram", nargs="?", const="", default=None,
+                   metavar="memfd|FOLDER",
+                   help="copy anonymous guest RAM onto shareable memory with the same RAM "
+                        "block ids, so every later upgrade of the VM is zero-copy: memfd "
+                        "(+aux-ram-share=on; next upgrade cpr-transfer; the default for a "
+                        "QEMU >= 10.0 target) or named files in FOLDER (next upgrade shared; "
+                        f"default {ramconvert.DEFAULT_FOLDER}, made 0700, for older "
+                        "targets). Implies --mode copy; plan shows the extra memory")
     p.add_argument("--libvirt-adopt", action="store_true",
                    help="for a libvirt-managed VM: stop the libvirt daemon during the upgrade "
                         "and restart it on the new QEMU (relies on libvirt internals; tested "
@@ -302,7 +317,8 @@ async def _run(args: argparse.Namespace, display: ProgressDisplay) -> tuple[Any,
     if args.command in ("upgrade", "plan"):
         options = {"mode": args.mode, "bandwidth": args.bandwidth,
                    "downtime_limit": args.downtime_limit, "overrides": args.overrides,
-                   "force": args.force, "libvirt_adopt": args.libvirt_adopt}
+                   "force": args.force, "libvirt_adopt": args.libvirt_adopt,
+                   "convert_ram": args.convert_ram}
     if args.command == "list":
         from liveupgrade import inventory
 

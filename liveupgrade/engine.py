@@ -38,6 +38,7 @@ from typing import Any
 
 from liveupgrade import (
     context,
+    cprexec,
     fdpass,
     handover,
     history,
@@ -45,6 +46,7 @@ from liveupgrade import (
     libvirt_domain,
     monitor,
     procs,
+    ramconvert,
     source,
     target,
 )
@@ -55,6 +57,7 @@ from liveupgrade.errors import (
     DestinationFailed,
     LiveUpgradeError,
     MonitorError,
+    Refused,
     SwitchoverFailed,
     TargetBinaryError,
     TransferFailed,
@@ -187,6 +190,7 @@ async def upgrade(
     force: list[str] | None = None,
     on_event: EventCallback | None = None,
     libvirt_adopt: bool = False,
+    convert_ram: str | None = None,
 ) -> UpgradeResult:
     """Move the running VM `source_spec` (PID, QMP socket path, or -name) into `target_binary`.
 
@@ -202,6 +206,9 @@ async def upgrade(
     If this process dies, its keeper finishes or rolls back the upgrade.
     `libvirt_adopt` opts in to upgrading a libvirt-managed VM by restarting
     the libvirt daemon around it (libvirt_domain.py, docs/libvirt.md).
+    `convert_ram` ("memfd", a folder, or "" for the default) copies anonymous
+    guest RAM onto shareable memory, so the next upgrade is zero-copy
+    (ramconvert.py).
     """
     progress = _Progress(on_event or (lambda _e: None))
     requested = mode if isinstance(mode, Mode) else parse_mode(mode)
@@ -222,11 +229,13 @@ async def upgrade(
             held.callback(shutil.rmtree, rundir, ignore_errors=True)
             tx.journal.record("planning", rundir=str(rundir))
             report = await _checked_plan(proc, client, Path(target_binary), requested, parsed,
-                                         bandwidth, downtime_limit, forced, rundir, libvirt_adopt)
+                                         bandwidth, downtime_limit, forced, rundir, libvirt_adopt,
+                                         convert_ram)
         assert report.transfer is not None
         tx.journal.facts["source"]["running"] = report.state.running
         tx.journal.facts.update(uuid=report.state.uuid, mode=report.transfer.mode.value,
                                 target_binary=str(report.target.path))
+        in_place = report.transfer.mode is Mode.CPR_EXEC
         undo = _Undo()
         try:
             async with asyncio.timeout(timeout):
@@ -237,18 +246,25 @@ async def upgrade(
                 held.push_async_callback(session.disconnect)
                 undo.push("disconnect from the source", session.disconnect)  # before libvirt's
                 undo.push("give the source back", session.give_back)
-                async with progress.phase("destination", "starting the destination QEMU"):
-                    destination = await _start_destination(tx.journal, undo, report, rundir,
-                                                           managed)
-                    held.push_async_callback(destination.disconnect)
-                    # The keeper is armed since it was forked; confirm it runs before the
-                    # migration (by now it has long started: waiting costs nothing).
-                    await tx.keeper.armed()
+                if in_place:
+                    await _rehearse(progress, tx, report, rundir)
+                else:
+                    async with progress.phase("destination", "starting the destination QEMU"):
+                        destination = await _start_destination(tx.journal, undo, report,
+                                                               rundir, managed)
+                        held.push_async_callback(destination.disconnect)
+                        # The keeper is armed since it was forked; confirm it runs before
+                        # the migration (by now it has long started: waiting costs nothing).
+                        await tx.keeper.armed()
                 async with progress.phase("transfer", "transferring state "
                                           f"({report.transfer.mode.value})"):
-                    await _transfer(tx.journal, undo, progress, session, destination, report)
-            await _past_the_point_of_no_return(
-                _resume(progress, tx.journal, destination, report.state.running))
+                    if in_place:
+                        await _exec_target(tx.journal, undo, session, report, rundir)
+                    else:
+                        await _transfer(tx.journal, undo, progress, session, destination, report)
+            if not in_place:
+                await _past_the_point_of_no_return(
+                    _resume(progress, tx.journal, destination, report.state.running))
         except BaseException as e:  # errors, the timeout, cancellation (Ctrl-C, SIGTERM) alike
             progress.emit("rollback", "rolling back: the VM stays on the source")
             await undo.roll_back()
@@ -265,8 +281,9 @@ async def upgrade(
         # ---- point of no return: the guest runs on the destination from here ----
         undo.drop()
         try:
-            result: UpgradeResult = await _past_the_point_of_no_return(_finish(
-                progress, tx.journal, session, destination, report, pause))
+            result: UpgradeResult = await _past_the_point_of_no_return(
+                _finish_in_place(progress, tx.journal, session, report, rundir) if in_place
+                else _finish(progress, tx.journal, session, destination, report, pause))
         except SwitchoverFailed:
             tx.ended = True  # the guest runs on the new QEMU; the message says what is left
             raise
@@ -311,7 +328,8 @@ async def _connect_source(proc: source.SourceProcess,
 async def plan(source_spec: str | int, target_binary: str | Path, *,
                mode: str | Mode = Mode.AUTO, bandwidth: float | None = None,
                downtime_limit: int = 100, overrides: list[str] | None = None,
-               force: list[str] | None = None, libvirt_adopt: bool = False) -> PlanReport:
+               force: list[str] | None = None, libvirt_adopt: bool = False,
+               convert_ram: str | None = None) -> PlanReport:
     """Everything `upgrade` would check and do, without changing anything."""
     proc = await asyncio.to_thread(source.resolve, source_spec)
     client = await _connect_source(proc, libvirt_domain.find(proc.pid))
@@ -321,7 +339,7 @@ async def plan(source_spec: str | int, target_binary: str | Path, *,
             requested=mode if isinstance(mode, Mode) else parse_mode(mode),
             overrides=[Override.parse(o) for o in overrides or []], bandwidth=bandwidth,
             downtime_limit=downtime_limit, forced=frozenset(force or []),
-            libvirt_adopt=libvirt_adopt)
+            libvirt_adopt=libvirt_adopt, convert_ram=convert_ram)
     finally:
         with contextlib.suppress(Exception):
             await client.disconnect()
@@ -339,7 +357,7 @@ async def make_plan(proc: source.SourceProcess, client: monitor.Monitor, binary:
                     requested: Mode = Mode.AUTO, overrides: list[Override] | None = None,
                     bandwidth: float | None = None, downtime_limit: int = 100,
                     forced: frozenset[str] = frozenset(), rundir: Path | None = None,
-                    libvirt_adopt: bool = False) -> PlanReport:
+                    libvirt_adopt: bool = False, convert_ram: str | None = None) -> PlanReport:
     """Run every preflight check and plan the destination; changes nothing."""
     _validate_force(forced)
     state = await source.query_state(client, proc.pid)
@@ -350,14 +368,21 @@ async def make_plan(proc: source.SourceProcess, client: monitor.Monitor, binary:
         libvirt_domain.check(pf, client, libvirt_adopt)
     check_target(pf, proc, state, state.arch, info)
     await check_roms(pf, client, proc, info)
+    fds, access_problem = await _source_fds(client, proc)
+    libvirt = isinstance(client, libvirt_domain.LibvirtMonitor)
     facts = ModeInputs(
         memory=layout(proc.cmdline), source_version=state.version,
         target_version=info.version, source_caps=state.capabilities,
         target_caps=info.capabilities, target_params=info.parameters,
-        tcg=state.tcg, forced=forced)
+        tcg=state.tcg, forced=forced,
+        exec_blockers=tuple(cprexec.blockers(proc.cmdline, fds, proc.pid, libvirt)))
+    conversion = None
+    if convert_ram is not None:
+        requested, conversion = await _plan_conversion(
+            pf, client, info, convert_ram, requested, libvirt,
+            name=state.uuid or f"pid{proc.pid}")
     check_mode(pf, requested, facts)
-    transfer = destination = rebuild = None
-    fds, access_problem = await _source_fds(client, proc)
+    transfer = destination = rebuild = exec_argv = None
     ctx = await asyncio.to_thread(context.read_context, proc.pid)
     if pf.mode is not None:
         transfer = transfer_settings(pf.mode, pf.reason, facts, bandwidth_mib=bandwidth,
@@ -366,17 +391,54 @@ async def make_plan(proc: source.SourceProcess, client: monitor.Monitor, binary:
             build_destination, proc.argv, target_binary=info.path, machine=state.machine,
             mode=pf.mode, rundir=rundir or journal.runtime_base() / "upgrade-PLAN",
             overrides=overrides, token=secrets.token_hex(4), fds=fds,
-            target_version=info.version)
+            target_version=info.version, ram=conversion)
         destination = rebuild()
+        if pf.mode is Mode.CPR_EXEC:
+            run = rundir or journal.runtime_base() / "upgrade-PLAN"
+            exec_argv = cprexec.build_exec_argv(
+                proc.argv, target_binary=info.path, machine=state.machine,
+                target_version=info.version, state_path=cprexec.state_path(run),
+                engine_qmp=cprexec.monitor_path(run), fds=fds, overrides=overrides)
         check_handover(pf, proc.cmdline, fds, destination, access_problem)
         _check_runnable(pf, ctx, info)
-        check_host(pf, CommandLine.parse(destination.argv), state.ram_bytes)
+        check_host(pf, CommandLine.parse(destination.argv), state.ram_bytes,
+                   destination.ram_files)
     for check in pf.checks:
         if check.name in forced and not check.ok:
             check.forced = True
     return PlanReport(proc, state, info, pf, transfer, destination, ctx,
                       None if rebuild is None else
-                      lambda numbers, vhost: rebuild(numbers=numbers, vhost_fds=vhost))
+                      lambda numbers, vhost: rebuild(numbers=numbers, vhost_fds=vhost),
+                      exec_argv)
+
+
+LIBVIRT_SHARED_RAM = ("give the domain shareable RAM in its XML instead (<memoryBacking><source "
+                      "type='memfd'/><access mode='shared'/></memoryBacking>, plus "
+                      "aux-ram-share=on through <qemu:commandline> for cpr-transfer) and "
+                      "restart it once")
+
+
+async def _plan_conversion(pf: Preflight, client: monitor.Monitor, info: target.TargetInfo,
+                           spec: str, requested: Mode, libvirt: bool, name: str
+                           ) -> tuple[Mode, ramconvert.RamConversion | None]:
+    """--convert-ram: a copy onto shareable RAM, shown as the ram-conversion check."""
+    if requested not in (Mode.AUTO, Mode.COPY):
+        raise UsageError(f"--convert-ram copies the guest RAM: it cannot go with --mode "
+                         f"{requested.value}", "leave --mode out, or use --mode copy")
+    if libvirt:
+        pf.add("ram-conversion", "libvirt VMs are not converted behind libvirt's back: its "
+               "domain XML would still say anonymous RAM, and the next start from it would "
+               "undo the conversion", "", LIBVIRT_SHARED_RAM)
+        return Mode.COPY, None
+    memdevs = await monitor.execute(client, "query-memdev", what="source")
+    try:
+        conversion = ramconvert.plan(spec or ramconvert.default_spec(info.version), memdevs,
+                                     info.version, name)
+    except Refused as e:
+        pf.add("ram-conversion", str(e), "", e.fix)
+        return Mode.COPY, None
+    pf.add("ram-conversion", None, conversion.describe())
+    return Mode.COPY, conversion
 
 
 def _check_runnable(pf: Preflight, ctx: context.SourceContext, info: target.TargetInfo) -> None:
@@ -409,11 +471,12 @@ async def _source_fds(client: monitor.Monitor, proc: source.SourceProcess
 async def _checked_plan(proc: source.SourceProcess, client: monitor.Monitor, binary: Path,
                         requested: Mode, overrides: list[Override], bandwidth: float | None,
                         downtime_limit: int, forced: frozenset[str], rundir: Path,
-                        libvirt_adopt: bool) -> PlanReport:
+                        libvirt_adopt: bool, convert_ram: str | None) -> PlanReport:
     """make_plan, refusing unless every check passed (or was forced)."""
     report = await make_plan(proc, client, binary, requested=requested, overrides=overrides,
                              bandwidth=bandwidth, downtime_limit=downtime_limit, forced=forced,
-                             rundir=rundir, libvirt_adopt=libvirt_adopt)
+                             rundir=rundir, libvirt_adopt=libvirt_adopt,
+                             convert_ram=convert_ram)
     if not report.ok:
         first = report.preflight.failures[0] if report.preflight.failures else None
         if first is not None and first.name == "target-arch":
@@ -465,10 +528,18 @@ async def _start_destination(txn: journal.Journal, undo: _Undo, report: PlanRepo
         undo.push("remove private paths",
                   lambda: asyncio.to_thread(_remove_all, private_dirs))
         _own_by(report.context, [rundir, *private_dirs])
+        if plan.ram_files:  # --convert-ram into files: the folder, and no file left on undo
+            ram_dir = plan.ram_files[0].parent
+            if not ram_dir.exists():
+                ram_dir.mkdir(mode=0o700)
+                _own_by(report.context, [ram_dir])
+            undo.push("remove the converted RAM files",
+                      lambda: asyncio.to_thread(_unlink_all, plan.ram_files))
         destination = Destination(plan, rundir)
         undo.push("kill the destination", destination.kill)
         vnc = plan.vnc
-        txn.record("destination-starting", relocations=[
+        txn.record("destination-starting", ram_files=[str(f) for f in plan.ram_files],
+                   relocations=[
             {"private": str(r.private), "original": str(r.original), "kind": r.kind}
             for r in plan.relocations],
             vnc={"display": vnc.display, "address": vnc.address} if vnc else None)
@@ -495,6 +566,99 @@ async def _start_destination(txn: journal.Journal, undo: _Undo, report: PlanRepo
     await monitor.execute(destination.qmp, "migrate-incoming",  # type: ignore[arg-type]
                           {"uri": f"unix:{plan.migrate_path}"}, what="destination")
     return destination
+
+
+async def _rehearse(progress: _Progress, tx: _Transaction, report: PlanReport,
+                   rundir: Path) -> None:
+    """cpr-exec has no second process to fall back to once the VM's process has exec'd,
+    so the new QEMU is first started on this VM's own command line (paused, on
+    duplicates of its taps and sockets, as in the other modes) and stopped again:
+    an option, device or machine type the target refuses fails here, harmlessly."""
+    async with progress.phase("destination", "rehearsing: starting the new QEMU on this VM's "
+                              "command line, then stopping it"):
+        trial = _Undo()
+        try:
+            await _start_destination(tx.journal, trial, report, rundir, None)
+        finally:
+            await trial.roll_back()
+        if trial.failures:
+            raise DestinationFailed("the rehearsal QEMU could not be cleaned up: "
+                                    + "; ".join(trial.failures))
+        await tx.keeper.armed()
+
+
+async def _exec_target(txn: journal.Journal, undo: _Undo, session: SourceSession,
+                       report: PlanReport, rundir: Path) -> None:
+    """cpr-exec: save the device state to a private file; the VM's process execs the new
+    QEMU. Returns once the old image is gone; raises (the guest runs on, on the old
+    binary) if QEMU could not exec it."""
+    assert report.transfer and report.exec_argv
+    transfer = report.transfer
+    params = {**transfer.source_params, "cpr-exec-command": report.exec_argv}
+    session.note_migration(transfer.source_caps, params)
+    txn.record("migrating", source_caps=session.caps, params_before=session.params_before,
+               target_caps=[])
+    undo.push("cancel the migration", session.cancel_migration)
+    await session.set_migration(transfer.source_caps, params)
+    txn.record("exec", exec_qmp=str(cprexec.monitor_path(rundir)),
+               state_file=str(cprexec.state_path(rundir)))
+    # From `migrate` on, only QEMU's answer decides: the exec happened or it did not.
+    await _past_the_point_of_no_return(_migrate_and_exec(session.client, rundir))
+
+
+async def _migrate_and_exec(client: monitor.Monitor, rundir: Path) -> None:
+    await monitor.execute(client, "migrate", {"uri": f"file:{cprexec.state_path(rundir)}"},
+                          what="source")
+    await cprexec.await_exec(client)
+
+
+async def _finish_in_place(progress: _Progress, txn: journal.Journal, session: SourceSession,
+                           report: PlanReport, rundir: Path) -> UpgradeResult:
+    """After the exec: the new image loads the state and resumes by itself; wait for it on
+    its private monitor and check it is the wanted QEMU."""
+    proc, state = report.vm, report.state
+    assert report.transfer
+    txn.record("switchover")
+    async with progress.phase("switchover", "the new QEMU loads the VM state and resumes it"):
+        client, _ = await cprexec.reconnect(proc.pid, proc.create_time,
+                                            cprexec.monitor_path(rundir), state.running)
+        resumed_wall = time.time()
+    try:
+        with contextlib.suppress(OSError):
+            txn.record("resumed")
+        status: Any = await monitor.execute(client, "query-status", what="new QEMU")
+        version: Any = await monitor.execute(client, "query-version", what="new QEMU")
+    finally:
+        await _disconnect(client)
+    await session.disconnect()
+    stopped = session.stopped_at()
+    got = version["qemu"]
+    if (got["major"], got["minor"]) != (report.target.version.major,
+                                        report.target.version.minor):
+        raise SwitchoverFailed(f"after the exec PID {proc.pid} runs QEMU {got['major']}."
+                               f"{got['minor']}, not the target {report.target.version}",
+                               "check what the target path runs")
+    return UpgradeResult(
+        name=state.name, uuid=state.uuid, machine=state.machine,
+        mode=report.transfer.mode.value, mode_reason=report.transfer.reason,
+        source_pid=proc.pid, destination_pid=proc.pid,
+        source_version=str(state.version), target_version=str(report.target.version),
+        target_binary=str(report.target.path), guest_running=bool(status["running"]),
+        downtime_ms=None, total_time_ms=None, setup_time_ms=None,
+        # An upper bound: from the old image's STOP event to the moment the engine saw
+        # the new one running (it cannot hear the new image's RESUME event).
+        vcpu_pause_ms=round((resumed_wall - stopped) * 1e3, 2) if stopped else None,
+        ram_transferred_bytes=0, bytes_transferred=None,
+        phases_ms=dict(progress.phases_ms), destination_argv=report.exec_argv or [],
+        moved_paths=[], handed_over=[
+            f"the VM kept PID {proc.pid}: its process exec'd the new QEMU (cpr-exec)",
+            "taps kept their descriptors; listening sockets were bound again by the new "
+            "QEMU at the same paths"])
+
+
+def _unlink_all(files: list[Path]) -> None:
+    for file in files:
+        file.unlink(missing_ok=True)
 
 
 def _remove_all(folders: list[Path]) -> None:

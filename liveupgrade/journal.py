@@ -42,6 +42,7 @@ STEPS = (
     "destination-starting",  # the new QEMU is being started (its run folder is recorded)
     "destination-started",  # it runs, paused, waiting for the migration (its PID is recorded)
     "migrating",  # capabilities/parameters set on the source, migration under way
+    "exec",  # cpr-exec only: `migrate` sent; the VM's process may exec the new QEMU
     "switchover",  # the migration completed; the destination is being resumed
     "resumed",  # the destination runs the guest: the old QEMU is being killed
     "relocating",  # sockets, display and pidfile are being moved into place

@@ -1,10 +1,14 @@
-"""The three ways to hand a VM's state to the new QEMU, and how one is chosen.
+"""The four ways to hand a VM's state to the new QEMU, and how one is chosen.
 
 - ``shared``: RAM lives in a share=on file both processes map; with the
   x-ignore-shared capability on both sides only device state and small
   ROM/VRAM blocks cross the socket.
 - ``cpr-transfer`` (QEMU >= 10.0 on both sides): the source passes its RAM
   file descriptors over a second "cpr" channel; nothing is copied either.
+- ``cpr-exec`` (QEMU >= 10.2 on both sides, never chosen by ``auto``): the VM's
+  own process execs the new QEMU, which finds its RAM and keeps the PID; the
+  longest pause of the zero-copy modes (the new QEMU starts inside it) and no
+  old process to fall back to once the exec is done (cprexec.py).
 - ``copy``: classic precopy over a private unix socket, tuned: unlimited or
   --bandwidth, a downtime limit, multifd where both sides have it.
 """
@@ -22,6 +26,7 @@ from liveupgrade.versions import QemuVersion
 
 UNLIMITED_BANDWIDTH = 100 * 1024**3  # bytes/s: more than any local socket moves
 MULTIFD_CHANNELS = 2
+CPR_EXEC_SINCE = (10, 2)  # the first QEMU with the cpr-exec migration mode
 
 
 class Mode(enum.Enum):
@@ -29,6 +34,7 @@ class Mode(enum.Enum):
     SHARED = "shared"
     COPY = "copy"
     CPR_TRANSFER = "cpr-transfer"
+    CPR_EXEC = "cpr-exec"
 
 
 @dataclass(frozen=True)
@@ -43,6 +49,7 @@ class ModeInputs:
     target_params: set[str]
     tcg: bool
     forced: frozenset[str] = frozenset()  # known-bug keys the operator accepts (--force)
+    exec_blockers: tuple[str, ...] = ()  # why the VM's process cannot exec (cprexec.blockers)
 
 
 @dataclass
@@ -70,24 +77,33 @@ def _why_not_shared(f: ModeInputs) -> str | None:
     return None
 
 
-def _why_not_cpr(f: ModeInputs) -> str | None:
+def _why_not_cpr(f: ModeInputs, name: str = "cpr-transfer") -> str | None:
     if not (f.source_version.at_least(10) and f.target_version.at_least(10)):
-        return (f"cpr-transfer needs QEMU >= 10.0 on both sides (source {f.source_version}, "
+        return (f"{name} needs QEMU >= 10.0 on both sides (source {f.source_version}, "
                 f"target {f.target_version})")
     if "mode" not in f.target_params:
         return "the target has no migration 'mode' parameter"
     older = (f.target_version.major, f.target_version.minor) < (f.source_version.major,
                                                               f.source_version.minor)
     if older:
-        return (f"cpr-transfer to an older QEMU ({f.source_version.major}."
+        return (f"{name} to an older QEMU ({f.source_version.major}."
                 f"{f.source_version.minor} -> {f.target_version.major}."
                 f"{f.target_version.minor}) fails: the older QEMU cannot load the newer one's "
                 "CPR state (measured 11.1 -> 10.0: 'vmstate_load_state error -2')")
     if not f.memory.all_shared:
-        return f"guest RAM is {f.memory.summary}; cpr-transfer needs share=on memory backends"
+        return f"guest RAM is {f.memory.summary}; {name} needs share=on memory backends"
     if not f.memory.aux_ram_share:
         return "the source was not started with -machine aux-ram-share=on"
     return None
+
+
+def _why_not_cpr_exec(f: ModeInputs) -> str | None:
+    if min((v.major, v.minor) for v in (f.source_version, f.target_version)) < CPR_EXEC_SINCE:
+        return (f"cpr-exec needs QEMU >= 10.2 on both sides (source {f.source_version}, "
+                f"target {f.target_version})")
+    if "cpr-exec-command" not in f.target_params:
+        return "the target has no migration 'cpr-exec-command' parameter"
+    return _why_not_cpr(f, "cpr-exec") or ("; ".join(f.exec_blockers) or None)
 
 
 def _why_not_copy(f: ModeInputs) -> str | None:
@@ -101,7 +117,7 @@ def _why_not_copy(f: ModeInputs) -> str | None:
 def choose(requested: Mode, f: ModeInputs) -> tuple[Mode, str]:
     """The mode to use and why; Refused names why each candidate cannot be used."""
     checks = {Mode.CPR_TRANSFER: _why_not_cpr, Mode.SHARED: _why_not_shared,
-              Mode.COPY: _why_not_copy}
+              Mode.COPY: _why_not_copy, Mode.CPR_EXEC: _why_not_cpr_exec}
     if requested is not Mode.AUTO:
         problem = checks[requested](f)
         if problem:
@@ -134,8 +150,8 @@ def transfer_settings(mode: Mode, reason: str, f: ModeInputs, *, bandwidth_mib: 
                                         else UNLIMITED_BANDWIDTH)
     if mode is Mode.SHARED:
         t.source_caps["x-ignore-shared"] = t.target_caps["x-ignore-shared"] = True
-    elif mode is Mode.CPR_TRANSFER:
-        t.source_params["mode"] = "cpr-transfer"
+    elif mode in (Mode.CPR_TRANSFER, Mode.CPR_EXEC):
+        t.source_params["mode"] = mode.value
     elif mode is Mode.COPY and "multifd" in f.source_caps and "multifd" in f.target_caps:
         t.source_caps["multifd"] = t.target_caps["multifd"] = True
         t.source_params["multifd-channels"] = MULTIFD_CHANNELS

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from liveupgrade import ramconvert
 from liveupgrade.cmdline import CommandLine, Option
 from liveupgrade.endpoints import ENGINE_MONITOR_ID, held_paths, private_sibling, relocate
 from liveupgrade.errors import Refused, UsageError
@@ -26,6 +27,7 @@ from liveupgrade.handover import (
     rewrite_vnc,
 )
 from liveupgrade.modes import Mode
+from liveupgrade.ramconvert import RamConversion
 from liveupgrade.versions import QemuVersion
 
 # What --set may change: host-side properties only, never guest-visible hardware.
@@ -84,9 +86,10 @@ class DestinationPlan:
     log_path: Path | None = None  # the -D file: the destination's stderr appends to it
     connects_out: list[str] = field(default_factory=list)  # client sockets (handover.py)
     vhost_netdevs: list[str] = field(default_factory=list)  # each gets a fresh /dev/vhost-net
+    ram_files: list[Path] = field(default_factory=list)  # --convert-ram files it creates
 
 
-def _set_machine(cmd: CommandLine, machine: str) -> None:
+def set_machine(cmd: CommandLine, machine: str) -> None:
     for opt in cmd.find("machine"):
         if opt.prop("type") is not None:
             opt.set_prop("type", machine)
@@ -102,7 +105,7 @@ REMOVED_OPTIONS = {
 }
 
 
-def _modernize(cmd: CommandLine, target: QemuVersion | None) -> None:
+def modernize(cmd: CommandLine, target: QemuVersion | None) -> None:
     """Spell removed flags (libvirt 9.0 still writes -no-acpi) as -machine properties."""
     if target is None:
         return
@@ -116,14 +119,28 @@ def _modernize(cmd: CommandLine, target: QemuVersion | None) -> None:
                 machine.set_prop(prop, value)
 
 
-def _drop_engine_monitor(cmd: CommandLine) -> None:
+def drop_engine_monitor(cmd: CommandLine) -> None:
     """Remove the monitor an earlier upgrade gave this VM (it has no path any more)."""
     cmd.options = [o for o in cmd.options
                    if not (o.name == "chardev" and o.prop("id") == ENGINE_MONITOR_ID)
                    and not (o.name == "mon" and o.prop("chardev") == ENGINE_MONITOR_ID)]
 
 
-def _apply_override(cmd: CommandLine, ov: Override) -> None:
+def drop_repeated_data_dirs(cmd: CommandLine) -> None:
+    """Keep one -L per folder: a QEMU wrapper that adds its own -L (as a relocated
+    install needs) would otherwise add one more with every upgrade."""
+    seen: set[str | None] = set()
+    kept = []
+    for opt in cmd.options:
+        if opt.name == "L":
+            if opt.value in seen:
+                continue
+            seen.add(opt.value)
+        kept.append(opt)
+    cmd.options = kept
+
+
+def apply_override(cmd: CommandLine, ov: Override) -> None:
     for ident, key in ov.splits():
         for name in ("drive", "blockdev", "chardev", "device", "object", "netdev"):
             opt = cmd.by_id(name, ident)
@@ -144,7 +161,7 @@ def _apply_override(cmd: CommandLine, ov: Override) -> None:
 FILE_SPEC_OPTIONS = ("serial", "parallel", "debugcon", "virtioconsole")
 
 
-def _file_chardevs_append(cmd: CommandLine) -> None:
+def file_chardevs_append(cmd: CommandLine) -> None:
     """The destination must append to log files, never truncate the source's output.
 
     QEMU opens a file chardev and a chardev's logfile= with O_TRUNC unless
@@ -170,12 +187,39 @@ def _file_chardevs_append(cmd: CommandLine) -> None:
     cmd.options = out
 
 
+def for_target(source_argv: list[str], target_binary: Path, machine: str,
+               target_version: QemuVersion | None) -> CommandLine:
+    """The source's command line for the new binary, whichever way it starts: no -S,
+    -incoming or -daemonize, no earlier upgrade's monitor, the machine type pinned,
+    options the target dropped rewritten."""
+    cmd = CommandLine.parse(source_argv)
+    cmd.binary = str(target_binary)
+    for name in ("S", "incoming", "daemonize"):
+        cmd.remove(name)
+    drop_engine_monitor(cmd)
+    drop_repeated_data_dirs(cmd)
+    set_machine(cmd, machine)
+    modernize(cmd, target_version)
+    return cmd
+
+
+def finish_for_target(cmd: CommandLine, overrides: list[Override] | None,
+                      engine_qmp: Path) -> None:
+    """File chardevs appended to, the operator's --set overrides, the engine's monitor."""
+    file_chardevs_append(cmd)
+    for ov in overrides or []:
+        apply_override(cmd, ov)
+    cmd.add("chardev", f"socket,id={ENGINE_MONITOR_ID},path={engine_qmp},server=on,wait=off")
+    cmd.add("mon", f"chardev={ENGINE_MONITOR_ID},mode=control")
+
+
 def build_destination(source_argv: list[str], *, target_binary: Path, machine: str,
                       mode: Mode, rundir: Path, overrides: list[Override] | None = None,
                       token: str | None = None, fds: SourceFds | None = None,
                       numbers: Mapping[int, int] | None = None,
                       vhost_fds: Mapping[str, int] | None = None,
-                      target_version: QemuVersion | None = None) -> DestinationPlan:
+                      target_version: QemuVersion | None = None,
+                      ram: RamConversion | None = None) -> DestinationPlan:
     """The destination argv: the source's, with the changes an upgrade needs.
 
     - the new binary, and the source's concrete versioned machine type;
@@ -190,16 +234,13 @@ def build_destination(source_argv: list[str], *, target_binary: Path, machine: s
     - a monitor of the engine's own in `rundir`;
     - no -daemonize: the engine starts the destination in its own session;
     - flags the target removed (-no-acpi) as the -machine properties they meant;
+    - with `ram` (--convert-ram), the RAM block ids backed by shareable memory;
     - file chardevs appended to, and the operator's --set overrides.
     """
     token = token or secrets.token_hex(4)
-    cmd = CommandLine.parse(source_argv)
-    cmd.binary = str(target_binary)
-    for name in ("S", "incoming", "daemonize"):
-        cmd.remove(name)
-    _drop_engine_monitor(cmd)
-    _set_machine(cmd, machine)
-    _modernize(cmd, target_version)
+    cmd = for_target(source_argv, target_binary, machine, target_version)
+    if ram is not None:
+        ramconvert.apply(cmd, ram)
     facts = fds or SourceFds()
     numbers = numbers or {}
     inherited = facts.at_start(cmd)
@@ -214,13 +255,9 @@ def build_destination(source_argv: list[str], *, target_binary: Path, machine: s
         relocations.append(Relocation(private, h.path, h.kind))
     vnc = rewrite_vnc(cmd, facts, rundir / "vnc.sock")
     log_path = rewrite_log(cmd)
-    _file_chardevs_append(cmd)
-    for ov in overrides or []:
-        _apply_override(cmd, ov)
     qmp_path = rundir / "qmp.sock"
     migrate_path = rundir / "migrate.sock"
-    cmd.add("chardev", f"socket,id={ENGINE_MONITOR_ID},path={qmp_path},server=on,wait=off")
-    cmd.add("mon", f"chardev={ENGINE_MONITOR_ID},mode=control")
+    finish_for_target(cmd, overrides, qmp_path)
     cmd.add("S")
     cmd.add("incoming", "defer")
     cpr_path = None
@@ -229,6 +266,8 @@ def build_destination(source_argv: list[str], *, target_binary: Path, machine: s
         cmd.add("incoming", json.dumps({"channel-type": "cpr", "addr": {
             "transport": "socket", "type": "unix", "path": str(cpr_path)}}))
     taps = sorted(facts.taps.values())
+    if ram is not None:
+        handed_over.append("RAM: " + ram.describe())
     return DestinationPlan(cmd.argv(), qmp_path, migrate_path, cpr_path, relocations,
                            inherited, taps, handed_over, vnc, log_path, connects_out,
-                           sorted(facts.vhost))
+                           sorted(facts.vhost), ram.files if ram else [])

@@ -213,8 +213,10 @@ def check_mode(pf: Preflight, requested: Mode, facts: ModeInputs) -> None:
         pf.checks.append(Check(f"bug:{bug.key}", True, status))
 
 
-def check_host(pf: Preflight, cmd: CommandLine, ram_bytes: int) -> None:
-    """Free memory for a copy, and the files the destination must open (after --set)."""
+def check_host(pf: Preflight, cmd: CommandLine, ram_bytes: int,
+               creates: list[Path] | None = None) -> None:
+    """Free memory for a copy, and the files the destination must open (after --set), but
+    for those it `creates` (--convert-ram files: ramconvert.plan checked their folder)."""
     if pf.mode is Mode.COPY:
         available = psutil.virtual_memory().available
         pf.add("host-memory", None if available >= ram_bytes else
@@ -230,14 +232,13 @@ def check_host(pf: Preflight, cmd: CommandLine, ram_bytes: int) -> None:
         if opt.prop("filename"):
             paths.append((opt.prop("filename") or "", (opt.prop("read-only") or "off") == "on"))
     for ram in layout(cmd).backends:
-        if ram.path is not None:
+        if ram.path is not None and ram.path not in (creates or []):
             paths.append((str(ram.path), False))
     bad = [p for p, ro in paths if p.startswith("/")
            and not os.access(p, os.R_OK if ro else os.R_OK | os.W_OK)]
     pf.add("paths", f"the destination could not open: {', '.join(bad)}" if bad else None,
            f"{len(paths)} disk image and memory file path(s) are accessible",
            "restore the files, fix their permissions, or --set a drive to another path")
-
 
 
 def check_handover(pf: Preflight, cmd: CommandLine, fds: SourceFds, plan: DestinationPlan,

@@ -14,6 +14,9 @@ Who decides what (docs/design.md has the table):
 - the last step is ``resumed`` or later: the guest ran on the destination, so
   the source's state is stale. Roll forward: kill the source, move sockets
   and pidfile into place, rebind VNC, adopt into libvirt.
+- cpr-exec from ``exec`` on: there is one process. If it runs the new image
+  (its command line names the state file), wait for it to run the guest; if
+  the old image's migration failed, roll back as above (QEMU resumed it).
 
 Killing always comes before resuming, so two copies never run. Each action
 is idempotent: a repair that is itself killed can run again.
@@ -30,7 +33,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from liveupgrade import libvirt_domain, monitor, procs
+from liveupgrade import cprexec, libvirt_domain, monitor, procs
 from liveupgrade.destination import kill_strays
 from liveupgrade.errors import LiveUpgradeError, MonitorBusy, SourceNotFound
 from liveupgrade.journal import POINT_OF_NO_RETURN, Journal, VMLock, holder, journals
@@ -91,7 +94,9 @@ async def repair(journal: Journal) -> Repair:
                             "the record is closed")
         return result
     try:
-        if await _forward(journal, result):
+        if journal.facts.get("mode") == "cpr-exec" and journal.reached("exec"):
+            await _repair_in_place(journal, result)
+        elif await _forward(journal, result):
             await _roll_forward(journal, result)
         else:
             await _roll_back(journal, result)
@@ -136,8 +141,12 @@ def _relocations(journal: Journal) -> list[Relocation]:
 
 
 def _remove_private_paths(journal: Journal) -> None:
+    """What the destination would have used: its private folders, its run folder, and
+    the RAM files a --convert-ram upgrade had it create (the VM stays on its own RAM)."""
     for rel in _relocations(journal):
         shutil.rmtree(rel.private.parent, ignore_errors=True)
+    for name in journal.facts.get("ram_files", []):
+        Path(name).unlink(missing_ok=True)
     if journal.facts.get("rundir"):
         shutil.rmtree(journal.facts["rundir"], ignore_errors=True)
 
@@ -226,6 +235,52 @@ async def _roll_forward(journal: Journal, result: Repair) -> None:
     pause = _libvirt(journal)
     if pause is not None:
         result.notes += await pause.adopt(dst["pid"], facts["target_binary"], bool(src["running"]))
+
+
+async def _repair_in_place(journal: Journal, result: Repair) -> None:
+    """cpr-exec after `migrate` was sent: one process, the old image or the new one.
+
+    The new image's command line names the state file. While it does not, the
+    source's migration status decides: failed or cancelled means QEMU resumed
+    the old image (roll back as usual); completed means the exec is under way.
+    """
+    facts, src = journal.facts, journal.facts["source"]
+    pid, created = src["pid"], src.get("create_time")
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + cprexec.EXEC_TIMEOUT
+    while not cprexec.has_exec_d(pid, facts["state_file"]):
+        status = await _migration_status(journal)
+        if status in ("failed", "cancelled", "none") or loop.time() > deadline:
+            await _roll_back(journal, result)
+            return
+        await asyncio.sleep(0.01)
+    result.action, result.pid = "rolled forward", pid
+    result.notes.append(f"the VM's process (PID {pid}) had exec'd the new QEMU")
+    client, _ = await cprexec.reconnect(pid, created, Path(facts["exec_qmp"]),
+                                        bool(src["running"]))
+    try:
+        state: Any = await client.execute("query-status")
+        result.running = bool(state["running"])
+    finally:
+        await client.disconnect()
+    if facts.get("rundir"):
+        shutil.rmtree(facts["rundir"], ignore_errors=True)
+
+
+async def _migration_status(journal: Journal) -> str:
+    """The old image's migration status, or "completed" once its monitor is gone."""
+    try:
+        client = await _source_monitor(journal)
+    except LiveUpgradeError:
+        return "completed"
+    try:
+        info: Any = await client.execute("query-migrate")
+        return str(info.get("status", "none"))
+    except Exception:
+        return "completed"
+    finally:
+        with contextlib.suppress(Exception):
+            await client.disconnect()
 
 
 def _matches(journal: Journal, spec: str) -> bool:

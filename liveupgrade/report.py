@@ -113,6 +113,8 @@ class PlanReport:
     # The same destination with the source fds renumbered as the engine holds them,
     # and fresh vhost-net descriptors by netdev id.
     rebuild: Callable[[dict[int, int], dict[str, int]], DestinationPlan] | None = None
+    # cpr-exec: what the VM's own process execs (the destination above is only rehearsed).
+    exec_argv: list[str] | None = None
 
     @property
     def ok(self) -> bool:
@@ -143,6 +145,7 @@ class PlanReport:
             "inherited_fds": self.destination.inherited_fds if self.destination else [],
             "handed_over": self.destination.handed_over if self.destination else [],
             "client_sockets": self.destination.connects_out if self.destination else [],
+            "exec_argv": self.exec_argv,
         }
 
     def render(self) -> str:
@@ -157,6 +160,11 @@ class PlanReport:
             if c.fix and not c.ok:
                 lines.append(f"  {'':<6} {'':<26} fix: {c.fix}"
                              + ("" if c.forceable else " (cannot be forced)"))
+        if self.exec_argv:
+            lines += ["cpr-exec: first the new QEMU is rehearsed on the command line below "
+                      "(started paused, then stopped);",
+                      "then the VM's own process (same PID) execs, keeping its taps' fds "
+                      "and binding its sockets again:", "  " + shlex.join(self.exec_argv)]
         if self.destination:
             lines += ["destination command line (the run folder is created at upgrade time):",
                       "  " + shlex.join(self.destination.argv)]

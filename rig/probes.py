@@ -187,10 +187,10 @@ async def observe_network(vm: FixtureVM, network: TapNetwork,
 
 
 async def observe_upgrade(vm: FixtureVM, network: TapNetwork, target: Path,
-                          source: str | int | None = None, pings: int = 300
-                          ) -> NetworkObservation:
+                          source: str | int | None = None, pings: int = 300,
+                          mode: str = "auto") -> NetworkObservation:
     """observe_network around a liveupgrade upgrade of `vm` (or of `source`: its PID, QMP
-    path or name) to `target`, with the accept gaps counted from switchover."""
+    path or name) to `target` in `mode`, with the accept gaps counted from switchover."""
     from liveupgrade import engine
     from liveupgrade.report import UpgradeEvent
 
@@ -199,6 +199,6 @@ async def observe_upgrade(vm: FixtureVM, network: TapNetwork, target: Path,
             if event.phase == "switchover":
                 at_switchover()
         return await engine.upgrade(vm.pid if source is None else source, target,
-                                    on_event=note)
+                                    mode=mode, on_event=note)
 
     return await observe_network(vm, network, upgrade, pings=pings)

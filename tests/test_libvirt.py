@@ -100,6 +100,12 @@ async def test_list_shows_the_libvirt_domain_and_plan_asks_for_the_opt_in(
     report = await engine.plan(lvm.pid, private, libvirt_adopt=True)
     access = next(c for c in report.preflight.checks if c.name == "target-access")
     assert not access.ok and "cannot execute" in access.detail and str(private) in access.detail
+    # Its anonymous RAM is not converted behind libvirt's back: plan says what the XML needs.
+    report = await engine.plan(lvm.pid, libvirt_qemu_new, libvirt_adopt=True, convert_ram="")
+    conversion = next(c for c in report.preflight.checks if c.name == "ram-conversion")
+    assert not conversion.ok and "libvirt VMs are not converted" in conversion.detail
+    assert "<memoryBacking>" in conversion.fix and "access mode='shared'" in conversion.fix
+    assert lvm.managed.status_path.read_bytes() == status_before
 
 
 async def test_adopt_hands_the_new_qemu_to_libvirt(

@@ -8,15 +8,17 @@ from pathlib import Path
 import pytest
 
 from liveupgrade.cmdline import CommandLine
+from liveupgrade.cprexec import blockers, build_exec_argv
 from liveupgrade.endpoints import held_paths, original_path, qmp_paths
 from liveupgrade.errors import Refused, UsageError
+from liveupgrade.handover import SourceFds
 from liveupgrade.memory import Backing, layout
 from liveupgrade.modes import Mode, ModeInputs, choose, transfer_settings
 from liveupgrade.plan import Override, build_destination
 from liveupgrade.versions import QemuVersion
 from tests.test_cmdline import PROXMOX
 
-V72, V100 = QemuVersion(7, 2, 22), QemuVersion(10, 0, 2)
+V72, V100, V111 = QemuVersion(7, 2, 22), QemuVersion(10, 0, 2), QemuVersion(11, 1, 3)
 SOURCE = [
     "/usr/bin/qemu-system-x86_64", "-name", "vm1", "-uuid", "11111111-2222-3333-4444-555555555555",
     "-machine", "pc,accel=tcg,memory-backend=pc.ram", "-m", "1G",
@@ -91,10 +93,13 @@ def test_proxmox_vm_held_paths() -> None:
                      ("vnc", "/var/run/qemu-server/100.vnc", False)}
 
 
-def facts(memory_argv, src=V72, dst=V100, tcg=True, caps=("x-ignore-shared", "multifd")):
+def facts(memory_argv, src=V72, dst=V100, tcg=True, caps=("x-ignore-shared", "multifd"),
+          exec_blockers=()):
+    params = {"mode", "cpr-exec-command"} if dst.at_least(11) else {"mode"}
     return ModeInputs(memory=layout(CommandLine.parse(["q", *memory_argv])), source_version=src,
                       target_version=dst, source_caps=set(caps), target_caps=set(caps),
-                      target_params={"mode"} if dst.at_least(10) else set(), tcg=tcg)
+                      target_params=params if dst.at_least(10) else set(), tcg=tcg,
+                      exec_blockers=tuple(exec_blockers))
 
 
 FILE_RAM = ["-machine", "memory-backend=m", "-object",
@@ -114,6 +119,44 @@ def test_mode_choice() -> None:
         choose(Mode.CPR_TRANSFER, facts(FILE_RAM))
     with pytest.raises(Refused, match=r"lost"):  # the < 8.1 memfd + x-ignore-shared bug
         choose(Mode.SHARED, facts(MEMFD_RAM, V72, V100))
+
+
+def test_cpr_exec_is_only_ever_asked_for() -> None:
+    assert choose(Mode.AUTO, facts(MEMFD_RAM, V111, V111))[0] is Mode.CPR_TRANSFER
+    assert choose(Mode.CPR_EXEC, facts(MEMFD_RAM, V111, V111))[0] is Mode.CPR_EXEC
+    with pytest.raises(Refused, match=r"cpr-exec needs QEMU >= 10.2 on both sides"):
+        choose(Mode.CPR_EXEC, facts(MEMFD_RAM, V100, V111))
+    with pytest.raises(Refused, match=r"cpr-exec needs share=on"):
+        choose(Mode.CPR_EXEC, facts(FILE_RAM[:2], V111, V111))
+    with pytest.raises(Refused, match=r"forbids the exec"):
+        choose(Mode.CPR_EXEC, facts(MEMFD_RAM, V111, V111, exec_blockers=["forbids the exec"]))
+
+
+def test_cpr_exec_command_line_and_blockers() -> None:
+    source = [*SOURCE, "-netdev", "tap,id=n0,ifname=tap0,script=no,downscript=no",
+              "-D", "/var/log/vm1.debug", "-S", "-incoming", "defer"]
+    fds = SourceFds(taps={"n0": 12})
+    argv = build_exec_argv(source, target_binary=Path("/opt/q11"), machine="pc-i440fx-7.2",
+                           target_version=V111, state_path=Path("/run/lu/x/cpr-exec.state"),
+                           engine_qmp=Path("/run/lu/x/exec-qmp.sock"), fds=fds)
+    cmd = CommandLine.parse(argv)
+    assert argv[0] == "/opt/q11"
+    assert [o.value for o in cmd.find("incoming")] == ["file:/run/lu/x/cpr-exec.state"]
+    for gone in ("daemonize", "S", "D"):  # fork (a new PID), paused, a truncated log
+        assert cmd.first(gone) is None, gone
+    netdev = cmd.by_id("netdev", "n0")
+    assert netdev is not None and netdev.prop("fd") == "12" and netdev.prop("ifname") is None
+    # The same paths: the new image binds its sockets and writes its pidfile again.
+    assert [o.value for o in cmd.find("qmp")] == ["unix:/run/vm1/qmp.sock,server,nowait"]
+    assert [o.value for o in cmd.find("pidfile")] == ["/run/vm1/pid"]
+    engine = cmd.by_id("chardev", "liveupgrade-qmp")
+    assert engine is not None and engine.prop("path") == "/run/lu/x/exec-qmp.sock"
+    sandboxed = CommandLine.parse([*SOURCE, "-sandbox", "on,spawn=deny"])
+    vhost = SourceFds(vhost={"n0"})
+    assert any("spawn=deny" in b for b in blockers(sandboxed, SourceFds(), 1, False))
+    assert any("vhost-net" in b for b in blockers(CommandLine.parse(SOURCE), vhost, 1, False))
+    assert any("libvirt" in b for b in blockers(CommandLine.parse(SOURCE), SourceFds(), 1, True))
+    assert blockers(CommandLine.parse(SOURCE), SourceFds(), 1, False) == []
 
 
 def test_memory_layouts(tmp_path: Path) -> None:

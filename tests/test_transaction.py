@@ -81,6 +81,11 @@ async def assert_one_qemu(vm: FixtureVM, binary: Path, running: bool = True) -> 
     return pid
 
 
+def exec_d(pid: int) -> bool:
+    """Whether the process runs the image a cpr-exec started (it names the state file)."""
+    return b"cpr-exec.state" in Path(f"/proc/{pid}/cmdline").read_bytes()
+
+
 def _real_exe(binary: Path) -> Path:
     """The executable a wrapper script execs (the rig's QEMU 10.0 is a wrapper)."""
     text = binary.read_bytes()[:4096]
@@ -93,12 +98,16 @@ def _real_exe(binary: Path) -> Path:
 
 @dataclass(frozen=True)
 class Fault:
-    mode: str  # shared, copy, cpr-transfer
+    mode: str  # shared, copy, cpr-transfer, cpr-exec
     signal: str  # KILL, HUP, TERM
     step: str | None  # a journal step; None: a random moment mid-transfer
 
     @property
     def rolls_forward(self) -> bool:
+        if self.mode == "cpr-exec" and self.step == "exec":
+            # A signal the engine handles arrives once `migrate` is its next move: it
+            # carries on (the exec is its switchover); a killed engine never sent it.
+            return self.signal != "KILL"
         return self.step is not None and step_index(self.step) >= step_index(POINT_OF_NO_RETURN)
 
     def __str__(self) -> str:
@@ -116,6 +125,10 @@ FAULTS = (
     + [Fault("cpr-transfer", "KILL", s) for s in ("destination-started", "migrating",
                                                    "switchover", "resumed")]
     + [Fault("cpr-transfer", "HUP", "migrating")]
+    # cpr-exec: the rehearsal, the settings, `migrate` about to be sent, after the exec.
+    + [Fault("cpr-exec", "KILL", s) for s in ("destination-started", "migrating", "exec",
+                                               "switchover", "resumed")]
+    + [Fault("cpr-exec", sig, "exec") for sig in ("HUP", "TERM")]
 )
 
 
@@ -129,10 +142,11 @@ async def boot(make_vm: VMFactory, fixtures: FixturePaths, mode: str,
         vm = await make_vm(fixtures.qemu_new, backing=MemoryBacking.ANONYMOUS, pidfile=True,
                            fill_mib=48, dirty_rate_mib=5, **kwargs)
     else:
-        vm = await make_vm(fixtures.qemu_new, backing=MemoryBacking.MEMFD, aux_ram_share=True,
+        binary = fixtures.qemu_11 if mode == "cpr-exec" else fixtures.qemu_new
+        vm = await make_vm(binary, backing=MemoryBacking.MEMFD, aux_ram_share=True,
                            pidfile=True, dirty_rate_mib=20, **kwargs)
     await vm.heartbeat.wait_for(lambda log: bool(log.last and log.last.passes >= 1), 30)
-    return vm, fixtures.qemu_new
+    return vm, fixtures.qemu_11 if mode == "cpr-exec" else fixtures.qemu_new
 
 
 @pytest.mark.parametrize("fault", FAULTS, ids=str)
@@ -157,7 +171,10 @@ async def test_the_tool_dies(fault: Fault, fixtures: FixturePaths, make_vm: VMFa
         assert proc.returncode == 1 and b"runs on the old QEMU" in out + err, (out, err)
     expected = target if fault.rolls_forward else old_binary
     pid = await assert_one_qemu(vm, expected)
-    assert (pid == vm.pid) is not fault.rolls_forward
+    if fault.mode == "cpr-exec":  # one process throughout: which image runs is the question
+        assert pid == vm.pid and exec_d(pid) is fault.rolls_forward
+    else:
+        assert (pid == vm.pid) is not fault.rolls_forward
     await assert_guest_intact(vm)
     # The VM is fit for the next upgrade.
     result = await engine.upgrade(pid, target, mode=fault.mode)
