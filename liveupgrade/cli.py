@@ -54,8 +54,9 @@ modes:
 devices:
   Taps (-netdev tap, by name, created by QEMU, or passed as fd=) and listening
   unix sockets are handed over with pidfd_getfd (root); VNC switches to the old
-  listening socket right after switchover; -D logs are appended to. SPICE,
-  multiqueue taps and legacy -net tap are refused (plan: the fd-handover check).
+  listening socket right after switchover; -D logs are appended to. A
+  multiqueue tap gets fresh queues on the same device. SPICE, multiqueue with
+  vhost-net and legacy -net tap are refused (plan: the fd-handover check).
 
 safety:
   Until the new QEMU runs the guest, the old one stays in charge: any error,

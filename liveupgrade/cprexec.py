@@ -67,7 +67,9 @@ def blockers(cmd: CommandLine, fds: SourceFds, pid: int, libvirt: bool) -> list[
                      "process image (the kernel answers EBUSY to the new one)")
     for ident, why in sorted(fds.tap_problems.items()):
         found.append(f"tap netdev {ident}: {why}")
-    for ident, fd in sorted(fds.taps.items()):
+    taps = [(ident, fd) for ident, fd in fds.taps.items()]
+    taps += [(ident, fd) for ident, queues in fds.mq_taps.items() for fd in queues]
+    for ident, fd in sorted(taps):
         if _close_on_exec(pid, fd):
             found.append(f"tap netdev {ident}: its fd {fd} is close-on-exec in the source")
     if libvirt:
@@ -85,7 +87,7 @@ def build_exec_argv(source_argv: list[str], *, target_binary: Path, machine: str
     sockets keep their paths (the new QEMU binds them again).
     """
     cmd = for_target(source_argv, target_binary, machine, target_version)
-    rewrite_taps(cmd, fds, {})
+    rewrite_taps(cmd, fds, {}, queue_fds=fds.mq_taps)  # each queue keeps its own fd
     rewrite_log(cmd)
     finish_for_target(cmd, overrides, engine_qmp)
     cmd.add("incoming", f"file:{state_path}")

@@ -109,18 +109,19 @@ class Destination:
 
     async def start(self, taken: Mapping[int, int], ctx: context.SourceContext,
                     env: dict[str, str], log: DestinationLog, log_fd: int,
-                    also: Sequence[int] = ()) -> None:
+                    also: Sequence[int] = (), guard: Sequence[int] = ()) -> None:
         """Start it on `taken` (the source's descriptors, duplicated into this process)
         and `also` (descriptors opened for it, e.g. a fresh /dev/vhost-net).
 
         From here until its monitor answers, the taps' vnet header size is
         guarded (fdpass.VnetHeaderGuard): a starting QEMU resets it under the
-        running source.
+        running source. The size belongs to the device, so `guard` (a fresh
+        queue of each multiqueue tap) guards those taps too.
         """
         self.log = log
-        if self.plan.tap_fds:
-            guard = fdpass.VnetHeaderGuard([taken[fd] for fd in self.plan.tap_fds])
-            self._tap_guard = asyncio.ensure_future(_hold(guard))
+        if self.plan.tap_fds or guard:
+            sizes = fdpass.VnetHeaderGuard([*(taken[fd] for fd in self.plan.tap_fds), *guard])
+            self._tap_guard = asyncio.ensure_future(_hold(sizes))
         joiner = context.Joiner(ctx)
         try:
             self.proc = await asyncio.create_subprocess_exec(

@@ -408,7 +408,8 @@ async def make_plan(proc: source.SourceProcess, client: monitor.Monitor, binary:
             check.forced = True
     return PlanReport(proc, state, info, pf, transfer, destination, ctx,
                       None if rebuild is None else
-                      lambda numbers, vhost: rebuild(numbers=numbers, vhost_fds=vhost),
+                      lambda numbers, vhost, queues: rebuild(numbers=numbers, vhost_fds=vhost,
+                                                             queue_fds=queues),
                       exec_argv)
 
 
@@ -514,14 +515,19 @@ async def _start_destination(txn: journal.Journal, undo: _Undo, report: PlanRepo
     assert report.destination and report.rebuild and report.context and report.transfer
     src, transfer = report.vm, report.transfer
     taken = fdpass.take_fds(src.pid, report.destination.inherited_fds)
+    vhost: dict[str, int] = {}
+    queues: dict[str, list[int]] = {}
     try:
-        vhost = fdpass.open_vhost_net(src.pid, report.destination.vhost_netdevs)
+        vhost.update(fdpass.open_vhost_net(src.pid, report.destination.vhost_netdevs))
+        for ident, source_queues in report.destination.mq_netdevs.items():
+            queues[ident] = fdpass.open_tap_queues(src.pid, source_queues[0],
+                                                   len(source_queues))
     except BaseException:
-        fdpass.close_all(taken.values())
+        fdpass.close_all([*taken.values(), *vhost.values(), *_flat(queues)])
         raise
     try:
         # The same plan, with the descriptors numbered as this process holds them.
-        plan = report.rebuild(taken, vhost)
+        plan = report.rebuild(taken, vhost, queues)
         private_dirs = [rel.private.parent for rel in plan.relocations]
         for folder in private_dirs:
             folder.mkdir(mode=0o700, exist_ok=True)
@@ -548,11 +554,12 @@ async def _start_destination(txn: journal.Journal, undo: _Undo, report: PlanRepo
         try:
             await destination.start(taken, report.context,
                                     target.clean_env(src.environ if managed else None),
-                                    log, log_fd, also=list(vhost.values()))
+                                    log, log_fd, also=[*vhost.values(), *_flat(queues)],
+                                    guard=[fds[0] for fds in queues.values()])
         finally:
             os.close(log_fd)
     finally:
-        fdpass.close_all([*taken.values(), *vhost.values()])
+        fdpass.close_all([*taken.values(), *vhost.values(), *_flat(queues)])
     txn.record("destination-started", destination={
         "pid": destination.pid, "create_time": procs.create_time(destination.pid),
         "qmp_path": str(plan.qmp_path)})
@@ -654,6 +661,10 @@ async def _finish_in_place(progress: _Progress, txn: journal.Journal, session: S
             f"the VM kept PID {proc.pid}: its process exec'd the new QEMU (cpr-exec)",
             "taps kept their descriptors; listening sockets were bound again by the new "
             "QEMU at the same paths"])
+
+
+def _flat(queues: dict[str, list[int]]) -> list[int]:
+    return [fd for fds in queues.values() for fd in fds]
 
 
 def _unlink_all(files: list[Path]) -> None:

@@ -16,13 +16,18 @@ import errno
 import fcntl
 import os
 import re
+import struct
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from liveupgrade.errors import DestinationFailed, Refused
 
 SYS_PIDFD_GETFD = 438  # same number on every architecture since Linux 5.6
 _libc = ctypes.CDLL(None, use_errno=True)
+T = TypeVar("T")
 
 
 class FdAccessError(Refused):
@@ -89,6 +94,80 @@ def open_vhost_net(pid: int, netdevs: list[str]) -> dict[str, int]:
             f"{', '.join(netdevs)}: {e.strerror}",
             "run liveupgrade as root on a host with the vhost_net module loaded") from e
     return opened
+
+
+TUNSETIFF, TUNGETIFF = 0x400454CA, 0x800454D2
+IFF_PERSIST = 0x0800
+CLONE_NEWNET = 0x40000000
+
+
+def _in_netns_of(pid: int, fn: Callable[[], T]) -> T:
+    """Call fn in a thread of its own that has joined pid's network namespace (setns(2)
+    moves only the calling thread, which then ends: no other thread ever changes
+    namespace)."""
+    box: list[T] = []
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            ns = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                if _libc.setns(ns, CLONE_NEWNET) != 0:
+                    err = ctypes.get_errno()
+                    raise OSError(err, f"setns into PID {pid}'s network namespace: "
+                                       f"{os.strerror(err)}")
+            finally:
+                os.close(ns)
+            box.append(fn())
+        except BaseException as e:
+            failure.append(e)
+
+    thread = threading.Thread(target=run, name=f"netns-{pid}")
+    thread.start()
+    thread.join()
+    if failure:
+        raise failure[0]
+    return box[0]
+
+
+def open_tap_queues(pid: int, source_fd: int, count: int) -> list[int]:
+    """`count` fresh queues on the multiqueue tap behind the source's fd `source_fd`.
+
+    A multiqueue tap accepts more queues (each an open /dev/net/tun attached by
+    name); the new QEMU gets its own, so the source's queues, which its guest is
+    using, are never detached under it (a starting QEMU detaches the queues its
+    guest does not use yet). The device's flags are read from the source's queue
+    and given back as they are: TUNSETIFF on an existing tap replaces its feature
+    flags (vnet header, multiqueue) with the caller's. Opened as root in the
+    source's network namespace, through its /dev (its mount namespace).
+    """
+    (own,) = take_fds(pid, [source_fd]).values()
+    try:
+        ifr = bytearray(40)
+        fcntl.ioctl(own, TUNGETIFF, ifr)
+    finally:
+        os.close(own)
+    name, flags = struct.unpack_from("16sH", ifr)
+    request = struct.pack("16sH", name, flags & ~IFF_PERSIST)
+
+    def open_all() -> list[int]:
+        opened: list[int] = []
+        try:
+            for _ in range(count):
+                fd = os.open(f"/proc/{pid}/root/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
+                opened.append(fd)
+                fcntl.ioctl(fd, TUNSETIFF, request)
+        except BaseException:
+            close_all(opened)
+            raise
+        return opened
+
+    try:
+        return _in_netns_of(pid, open_all)
+    except OSError as e:
+        raise DestinationFailed(
+            f"cannot open {count} new queue(s) on tap {name.rstrip(bytes(1)).decode()}: "
+            f"{e.strerror or e}", "run liveupgrade as root") from e
 
 
 def close_all(fds: object) -> None:

@@ -6,8 +6,10 @@ and a listening socket re-created at its address leaves a gap in which
 clients are refused. So the destination is given the source's own
 descriptors, duplicated with pidfd_getfd:
 
-- single-queue tap netdevs become ``fd=`` netdevs; multiqueue taps are
-  refused (see gather). A netdev that uses vhost-net gets a *fresh*
+- single-queue tap netdevs become ``fd=`` netdevs; a multiqueue tap gets
+  fresh queues on the same device (``fds=``, fdpass.open_tap_queues): its
+  queues cannot be shared, since a starting QEMU detaches the ones its guest
+  does not use yet, under the running source. A netdev that uses vhost-net gets a *fresh*
   /dev/vhost-net, opened by the engine (``vhostfd=``), never the source's: a
   vhost device belongs to the process that issued VHOST_SET_OWNER, and the
   kernel answers EBUSY to a second owner (drivers/vhost/vhost.c,
@@ -59,6 +61,7 @@ class SourceFds:
     """The source's descriptors that an upgrade hands over, by what uses them."""
 
     taps: dict[str, int] = field(default_factory=dict)  # netdev id -> its tap fd
+    mq_taps: dict[str, list[int]] = field(default_factory=dict)  # multiqueue: its queue fds
     vhost: set[str] = field(default_factory=set)  # tap netdevs that use vhost-net
     tap_problems: dict[str, str] = field(default_factory=dict)  # netdev id -> why not
     unix_listeners: dict[str, int] = field(default_factory=dict)  # bound path -> fd
@@ -112,11 +115,13 @@ def gather(pid: int, cmd: CommandLine, info_network: str) -> SourceFds:
         given = _fd_list(opt.prop("fd")) or _fd_list(opt.prop("fds"))
         if not given and ident in ifnames:
             given = by_ifname.get(ifnames[ident], [])
-        if len(given) > 1:
+        if len(given) > 1 and uses_vhost(opt):
             facts.tap_problems[ident] = (
-                f"a multiqueue tap ({len(given)} queues) cannot be handed over: the queues "
-                "are shared with the running VM, and a starting QEMU detaches the ones its "
-                "guest does not use yet (QEMU 10.0: 'could not disable queue', then it aborts)")
+                f"a multiqueue tap ({len(given)} queues) with vhost-net: not supported (fresh "
+                "queues would each need a fresh vhost device; not testable on a host without "
+                "/dev/vhost-net)")
+        elif len(given) > 1:
+            facts.mq_taps[ident] = given
         elif given:
             facts.taps[ident] = given[0]
         else:
@@ -194,16 +199,28 @@ def uses_vhost(opt: Option) -> bool:
 
 
 def rewrite_taps(cmd: CommandLine, facts: SourceFds, numbers: Mapping[int, int],
-                 vhost_fds: Mapping[str, int] | None = None) -> list[str]:
-    """Turn every tap netdev into one on the source's descriptors; returns what was done.
+                 vhost_fds: Mapping[str, int] | None = None,
+                 queue_fds: Mapping[str, list[int]] | None = None) -> list[str]:
+    """Turn every tap netdev into one on given descriptors; returns what was done.
 
-    A vhost netdev gets `vhost_fds[id]` (a fresh /dev/vhost-net the engine opened) as
-    its vhostfd; in a plan, before any is opened, it keeps vhost=on alone.
+    A single-queue tap runs on the source's own descriptor (renumbered by
+    `numbers`). A vhost netdev gets `vhost_fds[id]` (a fresh /dev/vhost-net the
+    engine opened) as its vhostfd; in a plan, before any is opened, it keeps
+    vhost=on alone. A multiqueue tap gets `queue_fds[id]`: fresh queues on the
+    same device (fdpass.open_tap_queues), or for cpr-exec the source's own; in a
+    plan, the source's numbers stand in for them.
     """
     done = []
     for index, opt in enumerate(o for o in cmd.options if is_tap(o)):
         ident = opt.prop("id") or f"__org.qemu.nic{index}"
         fd = facts.taps.get(ident)
+        if ident in facts.mq_taps:
+            queues = (queue_fds or {}).get(ident) or facts.mq_taps[ident]
+            _set_tap(opt, {"fds": ":".join(map(str, queues))})
+            done.append(f"tap netdev {ident}: multiqueue, {len(queues)} queues: fds "
+                        f"{':'.join(map(str, queues))} on the same tap (for an upgrade, fresh "
+                        "queues opened by liveupgrade: the source keeps its own)")
+            continue
         if fd is None:
             continue
         changes: dict[str, Any] = {"fd": str(numbers.get(fd, fd))}
@@ -214,19 +231,24 @@ def rewrite_taps(cmd: CommandLine, facts: SourceFds, numbers: Mapping[int, int],
                 changes["vhostfd"] = str(vhost_fds[ident])
             note = ("; vhost-net: a fresh /dev/vhost-net opened by liveupgrade (the "
                     "source's stays its own: the kernel lets only its owner use it)")
-        if opt.is_json:
-            data = {k: v for k, v in opt.json().items() if k not in TAP_OPEN_KEYS}
-            data.update(changes)
-            opt.value = json.dumps(data, separators=(",", ":"))
-        else:
-            kv = opt.keyvals()
-            for key in TAP_OPEN_KEYS:
-                kv.remove(key)
-            for key, value in changes.items():
-                kv.set(key, str(value))
-            opt.value = kv.render()
+        _set_tap(opt, changes)
         done.append(f"tap netdev {ident}: source fd(s) {fd}{note}")
     return done
+
+
+def _set_tap(opt: Option, changes: dict[str, Any]) -> None:
+    """A tap netdev on descriptors: how it opened its tap goes, `changes` come in."""
+    if opt.is_json:
+        data = {k: v for k, v in opt.json().items() if k not in TAP_OPEN_KEYS}
+        data.update(changes)
+        opt.value = json.dumps(data, separators=(",", ":"))
+    else:
+        kv = opt.keyvals()
+        for key in TAP_OPEN_KEYS:
+            kv.remove(key)
+        for key, value in changes.items():
+            kv.set(key, str(value))
+        opt.value = kv.render()
 
 
 def listener_fd(opt: Option, facts: SourceFds) -> int | None:

@@ -21,6 +21,7 @@ from liveupgrade.cmdline import CommandLine
 from liveupgrade.endpoints import qmp_paths
 from liveupgrade.handover import fd_qmp_paths
 from liveupgrade.memory import layout
+from liveupgrade.modes import CPR_EXEC_SINCE
 from liveupgrade.versions import QemuVersion
 
 QUICK_QMP_TIMEOUT = 1.0
@@ -92,6 +93,8 @@ def possible_modes(cmd: CommandLine, version: QemuVersion | None, accel: str) ->
     modes = []
     if version is not None and version.at_least(10) and mem.all_shared and mem.aux_ram_share:
         modes.append("cpr-transfer")
+        if (version.major, version.minor) >= CPR_EXEC_SINCE:
+            modes.append("cpr-exec")
     if mem.all_in_shared_files:
         modes.append("shared")
     if not (accel == "tcg" and version is not None and not version.at_least(9)):

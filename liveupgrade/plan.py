@@ -87,6 +87,8 @@ class DestinationPlan:
     connects_out: list[str] = field(default_factory=list)  # client sockets (handover.py)
     vhost_netdevs: list[str] = field(default_factory=list)  # each gets a fresh /dev/vhost-net
     ram_files: list[Path] = field(default_factory=list)  # --convert-ram files it creates
+    # multiqueue tap netdevs -> the source's queue fds (the destination gets fresh queues)
+    mq_netdevs: dict[str, list[int]] = field(default_factory=dict)
 
 
 def set_machine(cmd: CommandLine, machine: str) -> None:
@@ -218,6 +220,7 @@ def build_destination(source_argv: list[str], *, target_binary: Path, machine: s
                       token: str | None = None, fds: SourceFds | None = None,
                       numbers: Mapping[int, int] | None = None,
                       vhost_fds: Mapping[str, int] | None = None,
+                      queue_fds: Mapping[str, list[int]] | None = None,
                       target_version: QemuVersion | None = None,
                       ram: RamConversion | None = None) -> DestinationPlan:
     """The destination argv: the source's, with the changes an upgrade needs.
@@ -226,7 +229,8 @@ def build_destination(source_argv: list[str], *, target_binary: Path, machine: s
     - -S and -incoming defer (plus the cpr channel for cpr-transfer);
     - taps and listening sockets on the source's own descriptors (`fds`,
       numbered in the destination as `numbers` says; see handover.py), a vhost
-      netdev on a fresh /dev/vhost-net (`vhost_fds`, by netdev id);
+      netdev on a fresh /dev/vhost-net (`vhost_fds`, by netdev id), a multiqueue
+      tap on fresh queues of the same device (`queue_fds`, by netdev id);
     - other listening sockets and the pidfile at a private path beside the
       original, moved into place after the source exits;
     - VNC on a private socket until it takes over the source's after switchover;
@@ -247,7 +251,7 @@ def build_destination(source_argv: list[str], *, target_binary: Path, machine: s
     held = held_paths(cmd)
     connects_out = client_sockets(cmd)
     handled, handed_over = rewrite_listeners(cmd, facts, numbers)
-    handed_over += rewrite_taps(cmd, facts, numbers, vhost_fds)
+    handed_over += rewrite_taps(cmd, facts, numbers, vhost_fds, queue_fds)
     relocations = []
     for h in held_elsewhere(held, handled):
         private = private_sibling(h.path, token)
@@ -270,4 +274,5 @@ def build_destination(source_argv: list[str], *, target_binary: Path, machine: s
         handed_over.append("RAM: " + ram.describe())
     return DestinationPlan(cmd.argv(), qmp_path, migrate_path, cpr_path, relocations,
                            inherited, taps, handed_over, vnc, log_path, connects_out,
-                           sorted(facts.vhost), ram.files if ram else [])
+                           sorted(facts.vhost), ram.files if ram else [],
+                           dict(facts.mq_taps))

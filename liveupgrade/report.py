@@ -111,8 +111,9 @@ class PlanReport:
     destination: DestinationPlan | None
     context: SourceContext | None = None
     # The same destination with the source fds renumbered as the engine holds them,
-    # and fresh vhost-net descriptors by netdev id.
-    rebuild: Callable[[dict[int, int], dict[str, int]], DestinationPlan] | None = None
+    # fresh vhost-net descriptors and fresh tap queues by netdev id.
+    rebuild: Callable[[dict[int, int], dict[str, int], dict[str, list[int]]],
+                      DestinationPlan] | None = None
     # cpr-exec: what the VM's own process execs (the destination above is only rehearsed).
     exec_argv: list[str] | None = None
 

@@ -117,6 +117,14 @@ class TapNetwork:
             return fd
         return self.run_inside(open_it)
 
+    def attached_queues(self) -> int:
+        """How many queues the tap has attached now: each is an rx-N in sysfs (read through
+        `ip netns exec`, which mounts the namespace's own /sys)."""
+        out = subprocess.run(["ip", "netns", "exec", self.name, "ls",
+                              f"/sys/class/net/{self.tap}/queues"],
+                             check=True, capture_output=True, text=True).stdout
+        return sum(1 for name in out.split() if name.startswith("rx-"))
+
     async def connect(self, host: str, port: int) -> tuple[asyncio.StreamReader,
                                                             asyncio.StreamWriter]:
         """A TCP connection made from inside the namespace."""

@@ -57,7 +57,9 @@ class VMConfig:
     # the serial console on a unix socket server, a VNC display, a -D log.
     network: TapNetwork | None = None
     tap: str = "ifname"  # "ifname", "fd" (opened by a manager), "qemu" (QEMU creates one),
-    #                      "mq" (two queues on a multi_queue tap)
+    #                      "mq" (`queues` queues on a multi_queue tap)
+    queues: int = 2
+    smp: int = 1  # vCPUs: a Linux guest's virtio-net uses min(queues, vCPUs) queue pairs
     vhost: bool = False  # vhost=on on the tap netdev (needs /dev/vhost-net)
     console_socket: bool = False
     vnc: bool = False
@@ -171,7 +173,7 @@ class FixtureVM(StartStop):
         c = self.config
         machine = f"{c.machine},accel={c.accel}"
         args = [str(c.binary), "-name", c.name, "-uuid", self.uuid, "-m", f"{c.ram_mib}M",
-                "-smp", "1", "-nodefaults", "-no-user-config", "-display", "none",
+                "-smp", str(c.smp), "-nodefaults", "-no-user-config", "-display", "none",
                 "-qmp", f"unix:{self.qmp_path},server=on,wait=off"]
         if c.backing is MemoryBacking.FILE:
             args += ["-object", f"memory-backend-file,id=pc.ram,size={c.ram_mib}M,"
@@ -187,9 +189,10 @@ class FixtureVM(StartStop):
             tap = {"fd": f"tap,id=net0,fd={self.tap_fd}",
                    "qemu": "tap,id=net0,script=no,downscript=no",
                    "ifname": f"tap,id=net0,ifname={c.network.tap},script=no,downscript=no",
-                   "mq": f"tap,id=net0,ifname={c.network.tap},script=no,downscript=no,queues=2",
+                   "mq": f"tap,id=net0,ifname={c.network.tap},script=no,downscript=no,"
+                         f"queues={c.queues}",
                    }[c.tap]
-            mq = ",mq=on,vectors=6" if c.tap == "mq" else ""
+            mq = f",mq=on,vectors={2 * c.queues + 2}" if c.tap == "mq" else ""
             tap += ",vhost=on" if c.vhost else ""
             args += ["-netdev", tap,
                      "-device", f"virtio-net-pci,netdev=net0,mac={c.network.guest_mac}{mq}"]

@@ -41,6 +41,20 @@ def test_an_ifname_tap_becomes_an_fd_tap_without_the_open_only_keys() -> None:
     assert done == ["tap netdev net0: source fd(s) 11"]
 
 
+def test_a_multiqueue_tap_gets_fresh_queues_not_the_sources() -> None:
+    c = cmd("-netdev", "tap,id=net0,ifname=tap7,script=no,downscript=no,queues=4")
+    facts = SourceFds(mq_taps={"net0": [10, 12, 13, 14]})
+    assert facts.at_start(c) == []  # none of the source's queues is taken
+    done = rewrite_taps(c, facts, {}, queue_fds={"net0": [40, 41, 42, 43]})
+    assert c.first("netdev").value == "tap,id=net0,fds=40:41:42:43"  # type: ignore[union-attr]
+    assert "multiqueue, 4 queues" in done[0]
+    # A plan shows the source's numbers in their place.
+    c = cmd("-netdev", '{"type":"tap","fds":"10:12","id":"net0"}')
+    rewrite_taps(c, SourceFds(mq_taps={"net0": [10, 12]}), {})
+    assert json.loads(c.first("netdev").value or "") == {  # type: ignore[union-attr]
+        "type": "tap", "id": "net0", "fds": "10:12"}
+
+
 def test_a_vhost_netdev_gets_a_fresh_vhost_fd_never_the_sources() -> None:
     """libvirt passes vhostfd=: the new QEMU gets the engine's fresh /dev/vhost-net (fd 60),
     not the source's 28 (the kernel binds a vhost device to its first owner)."""

@@ -18,10 +18,9 @@ import pytest
 
 from liveupgrade import engine
 from liveupgrade.cmdline import CommandLine
-from liveupgrade.errors import Refused
 from liveupgrade.fdpass import open_fds
 from liveupgrade.report import UpgradeResult
-from rig import FixturePaths, GuestKind, TapNetwork
+from rig import FixturePaths, GuestKind, MemoryBacking, TapNetwork
 from rig.probes import ECHO_PORT, observe_upgrade, vnc_banner
 from tests.conftest import VMFactory
 from tests.helpers import assert_guest_intact, qemu_pids
@@ -126,19 +125,33 @@ async def test_a_tap_qemu_created_outlives_the_old_qemu(
     await assert_guest_intact(vm)
 
 
-async def test_a_multiqueue_tap_is_refused_and_the_vm_left_alone(fixtures: FixturePaths,
-                                                                 make_vm: VMFactory):
-    """Handing over queue fds was tried: the new QEMU detaches queues the running
-    VM shares ("could not disable queue") and aborts. So preflight refuses."""
+@pytest.mark.parametrize(("queues", "versions", "mode"), [
+    (2, "7.2->10.0", "shared"), (4, "10.0->11.1", "shared"), (4, "11.1->11.1", "cpr-exec")])
+async def test_a_multiqueue_tap_keeps_tcp_and_pings(queues: int, versions: str, mode: str,
+                                                    fixtures: FixturePaths, make_vm: VMFactory):
+    """A guest using several queue pairs (one per vCPU): the new QEMU runs on fresh queues
+    of the same multiqueue tap, so the queues the running guest uses are never detached
+    under it (handing over the source's own queue fds made the starting QEMU detach them:
+    10.0 then aborted with "could not disable queue"). cpr-exec keeps the source's own."""
+    pick = {"7.2": fixtures.qemu_old, "10.0": fixtures.qemu_new, "11.1": fixtures.qemu_11}
+    source, target = (pick[v] for v in versions.split("->"))
+    memory = ({"backing": MemoryBacking.MEMFD, "aux_ram_share": True} if mode == "cpr-exec"
+              else {"backing": MemoryBacking.FILE})
     with TapNetwork(multi_queue=True) as network:
-        vm = await make_vm(fixtures.qemu_old, network=network, tap="mq")
-        assert tap_fds(vm.pid) == [network.tap, network.tap]
-        report = await engine.plan(vm.pid, fixtures.qemu_new)
+        vm = await make_vm(source, guest=GuestKind.LINUX, ram_mib=512, network=network,
+                           tap="mq", queues=queues, smp=queues, heartbeat_us=10000, **memory)
+        assert network.attached_queues() == queues  # the guest's driver uses every pair
+        report = await engine.plan(vm.pid, target, mode=mode)
         check = next(c for c in report.preflight.checks if c.name == "fd-handover")
-        assert not check.ok and "multiqueue tap (2 queues)" in check.detail
-        with pytest.raises(Refused, match="multiqueue"):
-            await engine.upgrade(vm.pid, fixtures.qemu_new)
-        assert qemu_pids(vm) == [vm.pid] and tap_fds(vm.pid) == [network.tap, network.tap]
+        assert check.ok and f"multiqueue, {queues} queues" in check.detail, check.detail
+        seen = await observe_upgrade(vm, network, target, pings=PINGS, mode=mode)
+        result = seen.action_result
+        assert isinstance(result, UpgradeResult) and result.mode == mode
+        assert seen.stream_faults == [], seen.stream_faults
+        assert seen.pings_sent == PINGS and seen.pings_lost <= 10, seen
+        assert tap_fds(result.destination_pid) == [network.tap] * queues
+        assert network.attached_queues() == queues  # the source's queues went with it
+        assert qemu_pids(vm) == [result.destination_pid]
         await assert_guest_intact(vm)
         await vm.close()  # before the namespace goes
 
