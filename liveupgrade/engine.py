@@ -382,6 +382,8 @@ async def make_plan(proc: source.SourceProcess, client: monitor.Monitor, binary:
             pf, client, info, convert_ram, requested, libvirt,
             name=state.uuid or f"pid{proc.pid}")
     check_mode(pf, requested, facts)
+    if conversion is not None and pf.mode is Mode.COPY:
+        pf.reason = f"--convert-ram: {conversion.describe()}"
     transfer = destination = rebuild = exec_argv = None
     ctx = await asyncio.to_thread(context.read_context, proc.pid)
     if pf.mode is not None:

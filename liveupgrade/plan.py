@@ -270,8 +270,6 @@ def build_destination(source_argv: list[str], *, target_binary: Path, machine: s
         cmd.add("incoming", json.dumps({"channel-type": "cpr", "addr": {
             "transport": "socket", "type": "unix", "path": str(cpr_path)}}))
     taps = sorted(facts.taps.values())
-    if ram is not None:
-        handed_over.append("RAM: " + ram.describe())
     return DestinationPlan(cmd.argv(), qmp_path, migrate_path, cpr_path, relocations,
                            inherited, taps, handed_over, vnc, log_path, connects_out,
                            sorted(facts.vhost), ram.files if ram else [],

@@ -167,7 +167,9 @@ class PlanReport:
                       "then the VM's own process (same PID) execs, keeping its taps' fds "
                       "and binding its sockets again:", "  " + shlex.join(self.exec_argv)]
         if self.destination:
-            lines += ["destination command line (the run folder is created at upgrade time):",
+            lines += [("the rehearsal's command line" if self.exec_argv else
+                       "destination command line") + " (the run folder is created at upgrade "
+                      "time):",
                       "  " + shlex.join(self.destination.argv)]
             if self.destination.inherited_fds:
                 lines.append("fd=N above are the old QEMU's descriptors "

@@ -48,10 +48,11 @@ async def test_anonymous_ram_onto_memfd_then_cpr_transfer(fixtures: FixturePaths
     assert "pc.ram (256 MiB)" in detail and "memfd" in detail and "cpr-transfer" in detail
     assert "extra host memory while copying: 256 MiB" in detail
     assert report.transfer is not None and report.transfer.mode.value == "copy"
-    assert "RAM: guest RAM pc.ram" in report.render()
+    assert "mode: copy (--convert-ram: guest RAM pc.ram (256 MiB)" in report.render()
 
     first = await engine.upgrade(vm.pid, fixtures.qemu_11, convert_ram="")
     assert first.mode == "copy" and qemu_pids(vm) == [first.destination_pid]
+    assert first.mode_reason.startswith("--convert-ram: guest RAM pc.ram")
     lay = layout(CommandLine.parse(first.destination_argv))
     assert lay.all_shared and lay.aux_ram_share, lay
     await assert_guest_intact(vm)
