@@ -65,6 +65,7 @@ class VMConfig:
     vnc: bool = False
     debug_log: bool = False
     pidfile: bool = False  # -pidfile in the VM's folder, as managers write one
+    daemonize: bool = False  # -daemonize (with -pidfile): the VM is QEMU's forked child
     # The command line Proxmox's qemu-server writes for VM <vmid> (see proxmox_argv), with
     # its /var/run paths moved into the VM's folder.
     proxmox_vmid: int | None = None
@@ -85,6 +86,14 @@ def _wait_dead(procs: list[psutil.Process], timeout: float = 5.0) -> None:
             except psutil.NoSuchProcess:
                 break
             time.sleep(0.005)
+
+
+async def _gone(pid: int) -> int:
+    """Wait until a process that is not our child has exited."""
+    with contextlib.suppress(psutil.NoSuchProcess):
+        while psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+            await asyncio.sleep(0.05)
+    return -1
 
 
 class StartStop:
@@ -129,6 +138,7 @@ class FixtureVM(StartStop):
         self.process: asyncio.subprocess.Process | None = None
         self.boot_seconds: float | None = None
         self.tap_fd: int | None = None
+        self.daemon_pid: int | None = None
 
     @property
     def ram_file(self) -> Path:
@@ -165,6 +175,9 @@ class FixtureVM(StartStop):
 
     @property
     def pid(self) -> int:
+        """The VM's QEMU: the process started, or with -daemonize the child it forked."""
+        if self.daemon_pid is not None:
+            return self.daemon_pid
         assert self.process is not None
         return self.process.pid
 
@@ -202,8 +215,10 @@ class FixtureVM(StartStop):
             args = self._as_proxmox_writes_it(args)
         if c.debug_log:
             args += ["-D", str(self.debug_log_path), "-d", "guest_errors"]
-        if c.pidfile:
+        if c.pidfile or c.daemonize:
             args += ["-pidfile", str(self.pidfile_path)]
+        if c.daemonize:
+            args += ["-daemonize"]
         if c.guest is GuestKind.MICRO:
             args += ["-serial", "chardev:hb", "-kernel", str(self.fixtures.microguest),
                      "-append", f"fill={c.fill_mib} rate={c.dirty_rate_mib} hb={c.heartbeat_us}"]
@@ -236,7 +251,7 @@ class FixtureVM(StartStop):
         -boot; a balloon; the tap by ifname with pve-bridge/pve-bridgedown scripts.
         Adapted where this machine forces it: no -id and no "+pve0" machine suffix
         (Proxmox's own QEMU patches), TCG instead of -cpu kvm64,enforce, no vhost=on
-        (no /dev/vhost-net), no -daemonize (the rig keeps QEMU as its child).
+        (no /dev/vhost-net). -daemonize is the test's choice (VMConfig.daemonize).
         """
         out: list[str] = []
         for before, arg in zip(["", *args], args, strict=False):
@@ -292,9 +307,14 @@ class FixtureVM(StartStop):
             log.close()
             if self.tap_fd is not None:
                 os.close(self.tap_fd)  # QEMU has its own copy now
+        if self.config.daemonize:  # the parent exits once the daemon runs
+            if await asyncio.wait_for(self.process.wait(), 30) != 0:
+                raise GuestStartError(f"QEMU -daemonize failed: {self.qemu_log()}")
+            self.daemon_pid = int(self.pidfile_path.read_text())
         timeout = boot_timeout or (15.0 if self.config.guest is GuestKind.MICRO else 90.0)
         beat = asyncio.ensure_future(self.heartbeat.wait_beats(1, timeout))
-        exited = asyncio.ensure_future(self.process.wait())
+        exited = asyncio.ensure_future(self.process.wait() if self.daemon_pid is None
+                                       else _gone(self.daemon_pid))
         done, _ = await asyncio.wait({beat, exited}, return_when=asyncio.FIRST_COMPLETED)
         if exited in done:
             beat.cancel()

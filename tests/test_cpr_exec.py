@@ -61,6 +61,17 @@ async def test_the_vm_keeps_its_pid_pidfile_and_memory(fixtures: FixturePaths,
         await assert_same_vm(vm, exec_d=True)
 
 
+async def test_a_daemonized_vm_keeps_its_pid(fixtures: FixturePaths, make_vm: VMFactory):
+    """-daemonize, as Proxmox starts its VMs: kept in the exec'd command, the new QEMU would
+    fork again (measured: the pidfile then named a new PID); the engine drops it."""
+    vm = await make_vm(fixtures.qemu_11, daemonize=True, dirty_rate_mib=20, **CPR_READY)
+    assert vm.pid != vm.process.pid  # type: ignore[union-attr]  # the forked daemon
+    result = await engine.upgrade(vm.pid, fixtures.qemu_11, mode="cpr-exec")
+    assert result.destination_pid == vm.pid
+    assert "-daemonize" not in result.destination_argv
+    await assert_same_vm(vm, exec_d=True)
+
+
 async def test_a_tap_keeps_its_descriptor_tcp_and_pings(
         fixtures: FixturePaths, make_vm: VMFactory, network: TapNetwork):
     """The tap QEMU opened by ifname= survives the exec as fd=N: no reset, no lost record."""

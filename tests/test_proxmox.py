@@ -21,7 +21,8 @@ pytestmark = pytest.mark.e2e
 async def test_a_proxmox_shaped_vm_keeps_network_monitors_pidfile_and_vnc(
         fixtures: FixturePaths, make_vm: VMFactory, network: TapNetwork):
     vm = await make_vm(fixtures.qemu_old, guest=GuestKind.LINUX, ram_mib=512, network=network,
-                       vnc=True, proxmox_vmid=100, name="vm100", heartbeat_us=10000)
+                       vnc=True, proxmox_vmid=100, name="vm100", heartbeat_us=10000,
+                       daemonize=True)
     qmeventd = QMPEventListener(vm.qmeventd_path)
     await qmeventd.start()  # as on a host, after the VM: QEMU reconnects within 5 s
     try:
