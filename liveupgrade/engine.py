@@ -4,6 +4,10 @@
                                                                 ^ point of no return
                                                     -> relocate -> [adopt]
 
+    cpr-exec (one process, cprexec.py):
+    inspect -> plan -> rehearsal -> settings -> | migrate + exec -> the new image resumes
+                                                ^ point of no return
+
 Until the destination runs the guest, the source is authoritative. Each
 resource acquired before switchover registers how to undo itself on one
 stack, as it is acquired: the libvirt pause (start the daemon again), the
@@ -647,19 +651,12 @@ async def _finish_in_place(progress: _Progress, txn: journal.Journal, session: S
         raise SwitchoverFailed(f"after the exec PID {proc.pid} runs QEMU {got['major']}."
                                f"{got['minor']}, not the target {report.target.version}",
                                "check what the target path runs")
-    return UpgradeResult(
-        name=state.name, uuid=state.uuid, machine=state.machine,
-        mode=report.transfer.mode.value, mode_reason=report.transfer.reason,
-        source_pid=proc.pid, destination_pid=proc.pid,
-        source_version=str(state.version), target_version=str(report.target.version),
-        target_binary=str(report.target.path), guest_running=bool(status["running"]),
-        downtime_ms=None, total_time_ms=None, setup_time_ms=None,
+    return _result(
+        report, progress, proc.pid, bool(status["running"]),
         # An upper bound: from the old image's STOP event to the moment the engine saw
         # the new one running (it cannot hear the new image's RESUME event).
         vcpu_pause_ms=round((resumed_wall - stopped) * 1e3, 2) if stopped else None,
-        ram_transferred_bytes=0, bytes_transferred=None,
-        phases_ms=dict(progress.phases_ms), destination_argv=report.exec_argv or [],
-        moved_paths=[], handed_over=[
+        ram_transferred_bytes=0, destination_argv=report.exec_argv or [], handed_over=[
             f"the VM kept PID {proc.pid}: its process exec'd the new QEMU (cpr-exec)",
             "taps kept their descriptors; listening sockets were bound again by the new "
             "QEMU at the same paths"])
@@ -841,19 +838,26 @@ async def _finish(progress: _Progress, txn: journal.Journal, session: SourceSess
             "the guest runs on the new QEMU, but these paths could not be moved into place: "
             + "; ".join(failed), "move them by hand; the new QEMU listens on the private paths")
     m = migration
-    return UpgradeResult(
-        name=state.name, uuid=state.uuid, machine=state.machine,
-        mode=report.transfer.mode.value, mode_reason=report.transfer.reason,
-        source_pid=proc.pid, destination_pid=destination.pid,
-        source_version=str(state.version), target_version=str(report.target.version),
-        target_binary=str(report.target.path), guest_running=bool(status["running"]),
+    return _result(
+        report, progress, destination.pid, bool(status["running"]),
         downtime_ms=m.get("downtime"), vcpu_pause_ms=vcpu_pause,
-        total_time_ms=m.get("total-time"),
-        setup_time_ms=m.get("setup-time"),
+        total_time_ms=m.get("total-time"), setup_time_ms=m.get("setup-time"),
         ram_transferred_bytes=(m.get("ram") or {}).get("transferred"),
         bytes_transferred=(m.get("ram") or {}).get("total"),
-        phases_ms=dict(progress.phases_ms), destination_argv=plan.argv, moved_paths=moved,
-        handed_over=plan.handed_over + notes)
+        destination_argv=plan.argv, moved_paths=moved, handed_over=plan.handed_over + notes)
+
+
+def _result(report: PlanReport, progress: _Progress, new_pid: int, running: bool,
+            **figures: Any) -> UpgradeResult:
+    """What every mode reports alike; `figures` are the mode's own."""
+    state, transfer = report.state, report.transfer
+    assert transfer
+    return UpgradeResult(
+        name=state.name, uuid=state.uuid, machine=state.machine, mode=transfer.mode.value,
+        mode_reason=transfer.reason, source_pid=report.vm.pid, destination_pid=new_pid,
+        source_version=str(state.version), target_version=str(report.target.version),
+        target_binary=str(report.target.path), guest_running=running,
+        phases_ms=dict(progress.phases_ms), **figures)
 
 
 def _take_vnc(plan: DestinationPlan, source_pid: int) -> dict[int, int]:
