@@ -550,7 +550,12 @@ async def _start_destination(txn: journal.Journal, undo: _Undo, report: PlanRepo
         destination = Destination(plan, rundir)
         undo.push("kill the destination", destination.kill)
         vnc = plan.vnc
+        # What a repair must put back if this process dies while the destination starts:
+        # it resets the taps' header size, which only our guard restores meanwhile.
+        tap_fds = [*plan.tap_fds, *(q[0] for q in report.destination.mq_netdevs.values())]
+        headers = fdpass.vnet_header_sizes(src.pid, tap_fds) if tap_fds else {}
         txn.record("destination-starting", ram_files=[str(f) for f in plan.ram_files],
+                   vnet_header_sizes={str(fd): size for fd, size in headers.items()},
                    relocations=[
             {"private": str(r.private), "original": str(r.original), "kind": r.kind}
             for r in plan.relocations],

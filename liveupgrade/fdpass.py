@@ -246,6 +246,32 @@ TUNGETVNETHDRSZ = 0x800454D7
 TUNSETVNETHDRSZ = 0x400454D8
 
 
+def vnet_header_sizes(pid: int, fds: list[int]) -> dict[int, int]:
+    """The virtio-net header size of the taps behind pid's fds {fd: size}."""
+    taken = take_fds(pid, fds)
+    try:
+        return {fd: VnetHeaderGuard.get(own) for fd, own in taken.items()}
+    finally:
+        close_all(taken.values())
+
+
+def restore_vnet_header_sizes(pid: int, sizes: dict[int, int]) -> list[str]:
+    """Put the taps behind pid's fds back to the header sizes noted before a destination
+    started (it resets them, and only the engine's guard, gone with the engine, puts
+    them back); returns what was changed."""
+    taken = take_fds(pid, list(sizes))
+    done = []
+    try:
+        for fd, own in taken.items():
+            now = VnetHeaderGuard.get(own)
+            if now != sizes[fd]:
+                fcntl.ioctl(own, TUNSETVNETHDRSZ, sizes[fd].to_bytes(4, "little"))
+                done.append(f"tap fd {fd}: virtio-net header size {now} -> {sizes[fd]}")
+    finally:
+        close_all(taken.values())
+    return done
+
+
 class VnetHeaderGuard:
     """Hold a shared tap's virtio-net header size at the source's value.
 
@@ -263,10 +289,10 @@ class VnetHeaderGuard:
 
     def __init__(self, fds: list[int]):
         self.fds = [os.dup(fd) for fd in fds]
-        self.sizes = {fd: self._get(fd) for fd in self.fds}
+        self.sizes = {fd: self.get(fd) for fd in self.fds}
 
     @staticmethod
-    def _get(fd: int) -> int:
+    def get(fd: int) -> int:
         buf = bytearray(4)
         fcntl.ioctl(fd, TUNGETVNETHDRSZ, buf)
         return int.from_bytes(buf, "little")
@@ -274,7 +300,7 @@ class VnetHeaderGuard:
     def enforce(self) -> None:
         for fd, size in self.sizes.items():
             with contextlib.suppress(OSError):
-                if self._get(fd) != size:
+                if self.get(fd) != size:
                     fcntl.ioctl(fd, TUNSETVNETHDRSZ, size.to_bytes(4, "little"))
 
     async def hold(self) -> None:

@@ -4,7 +4,8 @@ Who decides what (docs/design.md has the table):
 
 - the journal's last step is before ``switchover`` (journal.POINT_OF_NO_RETURN):
   the destination never ran the guest. Roll back: kill the destination (and
-  anything naming its run folder), then on the source cancel the migration,
+  anything naming its run folder), put the taps' virtio-net header size back
+  (the starting destination resets it), then on the source cancel the migration,
   resume the guest if it ran, give back capabilities and parameters; remove
   the private paths; start the libvirt daemon again on the untouched status.
 - the last step is ``switchover`` (the engine was resuming the destination):
@@ -33,7 +34,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from liveupgrade import cprexec, libvirt_domain, monitor, procs
+from liveupgrade import cprexec, fdpass, libvirt_domain, monitor, procs
 from liveupgrade.destination import kill_strays
 from liveupgrade.errors import LiveUpgradeError, MonitorBusy, SourceNotFound
 from liveupgrade.journal import POINT_OF_NO_RETURN, Journal, VMLock, holder, journals
@@ -182,6 +183,13 @@ async def _roll_back(journal: Journal, result: Repair) -> None:
         _remove_private_paths(journal)
         raise LiveUpgradeError(f"the old QEMU (PID {src['pid']}) is gone too: the VM does not "
                                "run anywhere", "start the VM again from its definition")
+    headers = {int(fd): size for fd, size in facts.get("vnet_header_sizes", {}).items()}
+    if headers:
+        try:
+            result.notes += await asyncio.to_thread(fdpass.restore_vnet_header_sizes,
+                                                    src["pid"], headers)
+        except (OSError, LiveUpgradeError) as e:  # the guest runs on; its NIC may not
+            result.notes.append(f"could not check the taps' virtio-net header size: {e}")
     client = await _source_monitor(journal)
     try:
         result.notes += await give_back(client, bool(src["running"]), facts.get("source_caps", []),

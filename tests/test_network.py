@@ -156,6 +156,34 @@ async def test_a_multiqueue_tap_keeps_tcp_and_pings(queues: int, versions: str, 
         await vm.close()  # before the namespace goes
 
 
+@pytest.mark.parametrize("queues", [1, 2])
+async def test_the_network_survives_the_tool_killed_while_the_new_qemu_starts(
+        queues: int, fixtures: FixturePaths, make_vm: VMFactory):
+    """The tool SIGKILLed once the new QEMU runs (on the shared tap fd, or on fresh queues
+    of a multiqueue tap): the keeper kills it, and puts back the tap's virtio-net header
+    size, which the starting QEMU reset and only the dead engine's guard restored (found
+    by this test: without it the guest was unreachable, "No route to host")."""
+    from tests.test_transaction import cli, settled
+
+    with TapNetwork(multi_queue=queues > 1) as network:
+        vm = await make_vm(fixtures.qemu_old, guest=GuestKind.LINUX, ram_mib=512,
+                           network=network, tap="mq" if queues > 1 else "ifname",
+                           queues=queues, smp=queues, heartbeat_us=10000)
+        proc = await cli("upgrade", str(vm.pid), "--to", str(fixtures.qemu_new),
+                         fault="destination-started:KILL")
+        await proc.communicate()
+        await settled()
+        assert qemu_pids(vm) == [vm.pid]
+        assert network.attached_queues() == queues
+        assert tap_fds(vm.pid) == [network.tap] * queues
+        reader, writer = await network.connect(network.guest_ip, ECHO_PORT)
+        writer.write(b"after the rollback\n")
+        assert await asyncio.wait_for(reader.readline(), 10) == b"after the rollback\n"
+        writer.close()
+        await assert_guest_intact(vm)
+        await vm.close()  # before the namespace goes
+
+
 async def test_plan_shows_what_is_handed_over_and_refuses_spice(
         fixtures: FixturePaths, make_vm: VMFactory, network: TapNetwork):
     vm = await make_vm(fixtures.qemu_old, network=network,
