@@ -33,6 +33,8 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
+from qemu.qmp import ExecuteError
+
 from liveupgrade import monitor, procs
 from liveupgrade.cmdline import CommandLine
 from liveupgrade.errors import SwitchoverFailed, TransferFailed
@@ -107,6 +109,8 @@ async def await_exec(client: monitor.Monitor) -> None:
         while True:
             try:
                 info: Any = await client.execute("query-migrate")
+            except ExecuteError as e:
+                raise TransferFailed(f"QEMU refused query-migrate during cpr-exec: {e}") from e
             except Exception:  # the connection went with the old image
                 return
             if info.get("status") in ("failed", "cancelled"):
