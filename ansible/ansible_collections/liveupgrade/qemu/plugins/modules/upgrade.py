@@ -37,7 +37,7 @@ options:
     description: How guest RAM is handed over (see C(liveupgrade upgrade --help)).
     type: str
     default: auto
-    choices: [auto, shared, cpr-transfer, copy]
+    choices: [auto, shared, cpr-transfer, copy, cpr-exec]
   timeout:
     description: Seconds each upgrade may take before it rolls back.
     type: float
@@ -156,7 +156,7 @@ def main():
             "vms": {"type": "list", "elements": "str"},
             "to": {"type": "path"},
             "mode": {"type": "str", "default": "auto",
-                     "choices": ["auto", "shared", "cpr-transfer", "copy"]},
+                     "choices": ["auto", "shared", "cpr-transfer", "copy", "cpr-exec"]},
             "timeout": {"type": "float", "default": 600.0},
             "fail_on_refusal": {"type": "bool", "default": True},
             "executable": {"type": "list", "elements": "str", "default": ["liveupgrade"]},
