@@ -85,7 +85,8 @@ def blockers(cmd: CommandLine, fds: SourceFds, pid: int, libvirt: bool) -> list[
 
 def build_exec_argv(source_argv: list[str], *, target_binary: Path, machine: str,
                     target_version: QemuVersion | None, state_path: Path, engine_qmp: Path,
-                    fds: SourceFds, overrides: list[Override] | None = None) -> list[str]:
+                    fds: SourceFds, overrides: list[Override] | None = None,
+                    qmp_object: bool = False) -> list[str]:
     """The command line the VM's process execs: its own, for the new binary.
 
     The taps keep the source's fd numbers (they survive the exec); listening
@@ -94,7 +95,7 @@ def build_exec_argv(source_argv: list[str], *, target_binary: Path, machine: str
     cmd = for_target(source_argv, target_binary, machine, target_version)
     rewrite_taps(cmd, fds, {}, queue_fds=fds.mq_taps)  # each queue keeps its own fd
     rewrite_log(cmd)
-    finish_for_target(cmd, overrides, engine_qmp)
+    finish_for_target(cmd, overrides, engine_qmp, qmp_object)
     cmd.add("incoming", f"file:{state_path}")
     return cmd.argv()
 

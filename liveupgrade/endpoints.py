@@ -69,9 +69,13 @@ def spec_unix_path(value: str) -> str | None:
 
 
 def control_chardevs(cmd: CommandLine) -> set[str | None]:
-    """Ids of the chardevs that serve QMP (-mon mode=control), not the engine's own."""
-    return {o.prop("chardev") for o in cmd.find("mon")
-            if (o.prop("mode") or "readline") == "control"} - {ENGINE_MONITOR_ID}
+    """Ids of the chardevs that serve QMP (-mon mode=control, or -object monitor-qmp as
+    QEMU 11.1 prefers), not the engine's own."""
+    mons = {o.prop("chardev") for o in cmd.find("mon")
+            if (o.prop("mode") or "readline") == "control"}
+    objects = {o.prop("chardev") for o in cmd.find("object")
+               if o.prop("qom-type") == "monitor-qmp"}
+    return (mons | objects) - {ENGINE_MONITOR_ID}
 
 
 def is_socket_server(opt: Option) -> bool:

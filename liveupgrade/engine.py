@@ -397,14 +397,16 @@ async def make_plan(proc: source.SourceProcess, client: monitor.Monitor, binary:
             build_destination, proc.argv, target_binary=info.path, machine=state.machine,
             mode=pf.mode, rundir=rundir or journal.runtime_base() / "upgrade-PLAN",
             overrides=overrides, token=secrets.token_hex(4), fds=fds,
-            target_version=info.version, ram=conversion)
+            target_version=info.version, ram=conversion,
+            qmp_object="monitor-qmp" in info.qom_types)
         destination = rebuild()
         if pf.mode is Mode.CPR_EXEC:
             run = rundir or journal.runtime_base() / "upgrade-PLAN"
             exec_argv = cprexec.build_exec_argv(
                 proc.argv, target_binary=info.path, machine=state.machine,
                 target_version=info.version, state_path=cprexec.state_path(run),
-                engine_qmp=cprexec.monitor_path(run), fds=fds, overrides=overrides)
+                engine_qmp=cprexec.monitor_path(run), fds=fds, overrides=overrides,
+                qmp_object="monitor-qmp" in info.qom_types)
         check_handover(pf, proc.cmdline, fds, destination, access_problem)
         _check_runnable(pf, ctx, info)
         check_host(pf, CommandLine.parse(destination.argv), state.ram_bytes,

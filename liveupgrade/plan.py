@@ -125,7 +125,8 @@ def drop_engine_monitor(cmd: CommandLine) -> None:
     """Remove the monitor an earlier upgrade gave this VM (it has no path any more)."""
     cmd.options = [o for o in cmd.options
                    if not (o.name == "chardev" and o.prop("id") == ENGINE_MONITOR_ID)
-                   and not (o.name == "mon" and o.prop("chardev") == ENGINE_MONITOR_ID)]
+                   and not (o.name in ("mon", "object")
+                            and o.prop("chardev") == ENGINE_MONITOR_ID)]
 
 
 def drop_repeated_data_dirs(cmd: CommandLine) -> None:
@@ -206,13 +207,18 @@ def for_target(source_argv: list[str], target_binary: Path, machine: str,
 
 
 def finish_for_target(cmd: CommandLine, overrides: list[Override] | None,
-                      engine_qmp: Path) -> None:
-    """File chardevs appended to, the operator's --set overrides, the engine's monitor."""
+                      engine_qmp: Path, qmp_object: bool = False) -> None:
+    """File chardevs appended to, the operator's --set overrides, the engine's monitor:
+    `-object monitor-qmp` where the target has it (QEMU 11.1 warns that `-mon` is
+    deprecated), else `-mon`."""
     file_chardevs_append(cmd)
     for ov in overrides or []:
         apply_override(cmd, ov)
     cmd.add("chardev", f"socket,id={ENGINE_MONITOR_ID},path={engine_qmp},server=on,wait=off")
-    cmd.add("mon", f"chardev={ENGINE_MONITOR_ID},mode=control")
+    if qmp_object:
+        cmd.add("object", f"monitor-qmp,id={ENGINE_MONITOR_ID}-mon,chardev={ENGINE_MONITOR_ID}")
+    else:
+        cmd.add("mon", f"chardev={ENGINE_MONITOR_ID},mode=control")
 
 
 def build_destination(source_argv: list[str], *, target_binary: Path, machine: str,
@@ -222,7 +228,8 @@ def build_destination(source_argv: list[str], *, target_binary: Path, machine: s
                       vhost_fds: Mapping[str, int] | None = None,
                       queue_fds: Mapping[str, list[int]] | None = None,
                       target_version: QemuVersion | None = None,
-                      ram: RamConversion | None = None) -> DestinationPlan:
+                      ram: RamConversion | None = None,
+                      qmp_object: bool = False) -> DestinationPlan:
     """The destination argv: the source's, with the changes an upgrade needs.
 
     - the new binary, and the source's concrete versioned machine type;
@@ -261,7 +268,7 @@ def build_destination(source_argv: list[str], *, target_binary: Path, machine: s
     log_path = rewrite_log(cmd)
     qmp_path = rundir / "qmp.sock"
     migrate_path = rundir / "migrate.sock"
-    finish_for_target(cmd, overrides, qmp_path)
+    finish_for_target(cmd, overrides, qmp_path, qmp_object)
     cmd.add("S")
     cmd.add("incoming", "defer")
     cpr_path = None

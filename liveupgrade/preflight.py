@@ -18,6 +18,7 @@ import psutil
 from liveupgrade import monitor
 from liveupgrade.bugs import KNOWN_BUGS
 from liveupgrade.cmdline import CommandLine
+from liveupgrade.endpoints import ENGINE_MONITOR_ID
 from liveupgrade.errors import MonitorError, Refused
 from liveupgrade.handover import SourceFds
 from liveupgrade.memory import layout
@@ -101,7 +102,9 @@ def check_target(pf: Preflight, src: SourceProcess, state: SourceState, src_arch
            f"{state.machine} is supported by the target",
            "upgrade to a QEMU that still provides this versioned machine type")
     devices = _missing(_device_drivers(cmd), info.qom_types)
-    objects = _missing([o.prop("qom-type") or "" for o in cmd.find("object")], info.qom_types)
+    objects = _missing([o.prop("qom-type") or "" for o in cmd.find("object")
+                        if o.prop("chardev") != ENGINE_MONITOR_ID],  # replaced by the plan
+                       info.qom_types)
     pf.add("devices", "missing in the target: " + ", ".join(
         [f"-device {d}" for d in devices] + [f"-object {o}" for o in objects])
         if devices or objects else None,

@@ -151,6 +151,16 @@ def test_cpr_exec_command_line_and_blockers() -> None:
     assert [o.value for o in cmd.find("pidfile")] == ["/run/vm1/pid"]
     engine = cmd.by_id("chardev", "liveupgrade-qmp")
     assert engine is not None and engine.prop("path") == "/run/lu/x/exec-qmp.sock"
+    assert [o.value for o in cmd.find("mon")][-1] == "chardev=liveupgrade-qmp,mode=control"
+    # A target with -object monitor-qmp (11.1 calls -mon deprecated) gets that instead, and
+    # the next upgrade drops it with the rest of the engine's monitor.
+    argv = build_exec_argv(source, target_binary=Path("/opt/q11"), machine="pc-i440fx-7.2",
+                           target_version=V111, state_path=Path("/run/lu/x/cpr-exec.state"),
+                           engine_qmp=Path("/run/lu/x/exec-qmp.sock"), fds=fds, qmp_object=True)
+    assert argv[-4:-2] == ["-object",
+                           "monitor-qmp,id=liveupgrade-qmp-mon,chardev=liveupgrade-qmp"]
+    again = plan(argv)
+    assert not any("liveupgrade-qmp-mon" in a or "exec-qmp" in a for a in again.argv)
     sandboxed = CommandLine.parse([*SOURCE, "-sandbox", "on,spawn=deny"])
     vhost = SourceFds(vhost={"n0"})
     assert any("spawn=deny" in b for b in blockers(sandboxed, SourceFds(), 1, False))
