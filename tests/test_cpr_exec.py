@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from liveupgrade import engine
-from liveupgrade.errors import Refused, SwitchoverFailed, TransferFailed
+from liveupgrade.errors import DestinationFailed, Refused, SwitchoverFailed, TransferFailed
 from liveupgrade.report import UpgradeEvent, UpgradeResult
 from rig import FixturePaths, FixtureVM, GuestKind, MemoryBacking, TapNetwork
 from rig.probes import observe_upgrade
@@ -102,6 +102,22 @@ async def test_a_failed_exec_leaves_the_guest_on_the_old_qemu(
 
     with pytest.raises(TransferFailed, match="execvp"):
         await engine.upgrade(vm.pid, target, mode="cpr-exec", on_event=remove_target)
+    await assert_same_vm(vm, exec_d=False)
+
+
+async def test_the_rehearsal_catches_a_target_that_cannot_start_the_vm(
+        fixtures: FixturePaths, make_vm: VMFactory, tmp_path: Path):
+    """A target whose probe looks fine but that refuses the VM's machine type when started
+    (as a build without it would): the rehearsal fails, nothing was exec'd, the guest runs
+    on as before. Without the rehearsal this VM would have been lost at the exec."""
+    vm = await make_vm(fixtures.qemu_11, pidfile=True, dirty_rate_mib=20, **CPR_READY)
+    target = tmp_path / "qemu-without-7.2-machines"
+    refuse = ("case \"$*\" in *pc-i440fx-7.2*) echo \"qemu-system-x86_64: unsupported "
+              "machine type 'pc-i440fx-7.2'\" >&2; exit 1;; esac")
+    target.write_text(f"#!/bin/sh\n{refuse}\nexec {fixtures.qemu_11} \"$@\"\n")
+    target.chmod(0o755)
+    with pytest.raises(DestinationFailed, match="unsupported machine type"):
+        await engine.upgrade(vm.pid, target, mode="cpr-exec")
     await assert_same_vm(vm, exec_d=False)
 
 
