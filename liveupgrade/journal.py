@@ -191,8 +191,12 @@ def destination_of(argv: list[str], pid: int,
 
     A destination is recognised by its run folder on its command line (its
     private monitor lives there), which the journal records before it starts.
+    The VM's own process never is one, even when its command line names the run
+    folder (after cpr-exec, the process exec'd the new QEMU and is still the VM).
     """
     for journal in journals() if among is None else among:
+        if (journal.facts.get("source") or {}).get("pid") == pid:
+            continue
         rundir = journal.facts.get("rundir")
         dst = journal.facts.get("destination") or {}
         if dst.get("pid") == pid or (rundir and any(rundir in arg for arg in argv)):

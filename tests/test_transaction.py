@@ -209,11 +209,12 @@ async def stopped_at(step: str, *args: str) -> asyncio.subprocess.Process:
     return proc
 
 
-@pytest.mark.parametrize("step", ["migrating", "resumed"])
-async def test_keeper_killed_too_then_recover(step: str, fixtures: FixturePaths,
+@pytest.mark.parametrize(("mode", "step"), [("shared", "migrating"), ("shared", "resumed"),
+                                            ("cpr-exec", "exec"), ("cpr-exec", "switchover")])
+async def test_keeper_killed_too_then_recover(mode: str, step: str, fixtures: FixturePaths,
                                               make_vm: VMFactory):
-    vm, target = await boot(make_vm, fixtures, "shared")
-    proc = await stopped_at(step, "upgrade", str(vm.pid), "--to", str(target))
+    vm, target = await boot(make_vm, fixtures, mode)
+    proc = await stopped_at(step, "upgrade", str(vm.pid), "--to", str(target), "--mode", mode)
     (keeper,) = keepers()
     psutil.Process(keeper).kill()
     proc.kill()
@@ -234,10 +235,12 @@ async def test_keeper_killed_too_then_recover(step: str, fixtures: FixturePaths,
     out, err = await repair.communicate()
     assert repair.returncode == 0, (out, err)
     (done,) = json.loads(out)
-    forward = step == "resumed"
+    forward = step in ("resumed", "switchover")
     assert done["action"] == ("rolled forward" if forward else "rolled back"), done
     pid = await assert_one_qemu(vm, target if forward else Path(vm.config.binary))
     assert done["pid"] == pid
+    if mode == "cpr-exec":  # one process: the image tells which way it went
+        assert pid == vm.pid and exec_d(pid) is forward
     await assert_guest_intact(vm)
     result = await engine.upgrade(pid, target)
     assert result.guest_running
