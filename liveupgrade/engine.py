@@ -380,16 +380,16 @@ async def make_plan(proc: source.SourceProcess, client: monitor.Monitor, binary:
         target_caps=info.capabilities, target_params=info.parameters,
         tcg=state.tcg, forced=forced,
         exec_blockers=tuple(cprexec.blockers(proc.cmdline, fds, proc.pid, libvirt)))
+    ctx = await asyncio.to_thread(context.read_context, proc.pid)
     conversion = None
     if convert_ram is not None:
         requested, conversion = await _plan_conversion(
             pf, client, info, convert_ram, requested, libvirt,
-            name=state.uuid or f"pid{proc.pid}")
+            name=state.uuid or f"pid{proc.pid}", owner=ctx.uid)
     check_mode(pf, requested, facts)
     if conversion is not None and pf.mode is Mode.COPY:
         pf.reason = f"--convert-ram: {conversion.describe()}"
     transfer = destination = rebuild = exec_argv = None
-    ctx = await asyncio.to_thread(context.read_context, proc.pid)
     if pf.mode is not None:
         transfer = transfer_settings(pf.mode, pf.reason, facts, bandwidth_mib=bandwidth,
                                      downtime_limit_ms=downtime_limit)
@@ -428,7 +428,7 @@ LIBVIRT_SHARED_RAM = ("give the domain shareable RAM in its XML instead (<memory
 
 
 async def _plan_conversion(pf: Preflight, client: monitor.Monitor, info: target.TargetInfo,
-                           spec: str, requested: Mode, libvirt: bool, name: str
+                           spec: str, requested: Mode, libvirt: bool, name: str, owner: int
                            ) -> tuple[Mode, ramconvert.RamConversion | None]:
     """--convert-ram: a copy onto shareable RAM, shown as the ram-conversion check."""
     if requested not in (Mode.AUTO, Mode.COPY):
@@ -442,7 +442,7 @@ async def _plan_conversion(pf: Preflight, client: monitor.Monitor, info: target.
     memdevs = await monitor.execute(client, "query-memdev", what="source")
     try:
         conversion = ramconvert.plan(spec or ramconvert.default_spec(info.version), memdevs,
-                                     info.version, name)
+                                     info.version, name, owner)
     except Refused as e:
         pf.add("ram-conversion", str(e), "", e.fix)
         return Mode.COPY, None

@@ -21,6 +21,7 @@ default RAM is there too, as "pc.ram" on a PC), never from guessing.
 from __future__ import annotations
 
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -70,8 +71,14 @@ class RamConversion:
 
 
 def plan(spec: str, memdevs: list[dict[str, Any]], target: QemuVersion,
-         name: str) -> RamConversion:
-    """What `--convert-ram SPEC` ("memfd" or a folder) does to this VM (Refused: why not)."""
+         name: str, owner: int = 0) -> RamConversion:
+    """What `--convert-ram SPEC` ("memfd" or a folder) does to this VM (Refused: why not).
+
+    A folder must be private to root or to `owner` (the VM's uid): guest RAM is
+    written to a file whose name is predictable, so in a folder another user can
+    write to (/dev/shm itself), that user could create the file first and read
+    the guest's memory.
+    """
     blocks = tuple((str(m["id"]), int(m["size"])) for m in memdevs
                    if not m.get("share") and m.get("id"))
     if not blocks:
@@ -88,13 +95,21 @@ def plan(spec: str, memdevs: list[dict[str, Any]], target: QemuVersion,
     if not folder.is_dir() and folder != DEFAULT_FOLDER:
         raise Refused(f"--convert-ram {spec}: no such folder",
                       "create it (mode 0700, owned by the VM's user) or use memfd")
+    if folder.exists() or folder.is_symlink():
+        info = os.lstat(folder)
+        if (not stat.S_ISDIR(info.st_mode) or info.st_uid not in (0, owner)
+                or info.st_mode & 0o022):
+            raise Refused(f"--convert-ram {folder}: not a private folder (a symlink, owned by "
+                          f"uid {info.st_uid}, or mode {stat.S_IMODE(info.st_mode):04o}): "
+                          "another user could create the RAM file first and read guest memory",
+                          "name a folder owned by root or the VM's user, mode 0700")
     conversion = RamConversion(blocks, folder, aux, name)
     taken = [str(f) for f in conversion.files if f.exists()]
     if taken:
         raise Refused(f"--convert-ram: {', '.join(taken)} exists already",
                       "remove it if no VM uses it, or name another folder")
-    stat = os.statvfs(folder if folder.is_dir() else folder.parent)
-    free = stat.f_bavail * stat.f_frsize
+    fs = os.statvfs(folder if folder.is_dir() else folder.parent)
+    free = fs.f_bavail * fs.f_frsize
     if free < conversion.total_bytes:
         raise Refused(f"--convert-ram {folder}: {free >> 20} MiB free, the guest RAM needs "
                       f"{conversion.total_bytes >> 20} MiB", "name a folder with room")
