@@ -18,7 +18,7 @@ from liveupgrade import engine
 from liveupgrade.errors import DestinationFailed, Refused, SwitchoverFailed, TransferFailed
 from liveupgrade.report import UpgradeEvent, UpgradeResult
 from rig import FixturePaths, FixtureVM, GuestKind, MemoryBacking, TapNetwork
-from rig.probes import observe_upgrade
+from rig.probes import observe_upgrade, vnc_banner
 from tests.conftest import VMFactory
 from tests.helpers import assert_guest_intact, qemu_pids, runtime_dirs
 from tests.test_network import PINGS, tap_fds
@@ -76,13 +76,19 @@ async def test_a_tap_keeps_its_descriptor_tcp_and_pings(
         fixtures: FixturePaths, make_vm: VMFactory, network: TapNetwork):
     """The tap QEMU opened by ifname= survives the exec as fd=N: no reset, no lost record."""
     vm = await make_vm(fixtures.qemu_11, guest=GuestKind.LINUX, ram_mib=512, network=network,
-                       heartbeat_us=10000, **CPR_READY)
+                       heartbeat_us=10000, console_socket=True, vnc=True, **CPR_READY)
     seen = await observe_upgrade(vm, network, fixtures.qemu_11, pings=PINGS, mode="cpr-exec")
     result = seen.action_result
     assert isinstance(result, UpgradeResult) and result.destination_pid == vm.pid
     assert seen.stream_faults == [], seen.stream_faults
     assert seen.pings_sent == PINGS and seen.pings_lost <= 10, seen
     print(f"\ncpr-exec with a tap: {seen}")
+    # The new image bound the QMP and console sockets and the VNC port again itself.
+    assert set(seen.accept_gaps_ms) == {"qmp", "console"}
+    assert all(gap < 200 for gap in seen.accept_gaps_ms.values()), seen.accept_gaps_ms
+    reader, writer = await network.connect("127.0.0.1", vm.VNC_PORT)
+    assert (await vnc_banner(reader)).startswith(b"RFB ")
+    writer.close()
     assert tap_fds(vm.pid) == [network.tap]  # the same single tap descriptor, not a second
     await assert_same_vm(vm, exec_d=True)
 
