@@ -75,11 +75,11 @@ def blockers(cmd: CommandLine, fds: SourceFds, pid: int, libvirt: bool) -> list[
         if _close_on_exec(pid, fd):
             found.append(f"tap netdev {ident}: its fd {fd} is close-on-exec in the source")
     if libvirt:
-        found.append("not for libvirt VMs: a running libvirt daemon holds the monitor "
-                     "connection the exec closes and would take the VM for dead, and on the "
-                     "--libvirt-adopt path (daemon stopped) libvirt 9.0 taking back a QEMU "
-                     "whose binary changed under the same PID is untested; use cpr-transfer "
-                     "or shared")
+        found.append("not for libvirt VMs: libvirt starts QEMU under -sandbox spawn=deny "
+                     "unless qemu.conf sets seccomp_sandbox = 0, a running daemon holds the "
+                     "monitor connection the exec closes (it would take the VM for dead), and "
+                     "libvirt 9.0 taking back, after --libvirt-adopt, a QEMU whose binary "
+                     "changed under the same PID is untested; use cpr-transfer or shared")
     return found
 
 

@@ -16,10 +16,13 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 
-from liveupgrade import engine
+from liveupgrade import cprexec, engine
+from liveupgrade.cmdline import CommandLine
 from liveupgrade.errors import LiveUpgradeError
+from liveupgrade.handover import SourceFds
 from liveupgrade.report import UpgradeEvent
 from liveupgrade.versions import QemuVersion
 from rig.libvirt_vm import LibvirtFixtureVM
@@ -105,6 +108,11 @@ async def test_list_shows_the_libvirt_domain_and_plan_asks_for_the_opt_in(
     conversion = next(c for c in report.preflight.checks if c.name == "ram-conversion")
     assert not conversion.ok and "libvirt VMs are not converted" in conversion.detail
     assert "<memoryBacking>" in conversion.fix and "access mode='shared'" in conversion.fix
+    # cpr-exec: libvirt's own command line forbids the exec (-sandbox ...,spawn=deny).
+    cmdline = CommandLine.parse(psutil.Process(lvm.pid).cmdline())
+    why = cprexec.blockers(cmdline, SourceFds(), lvm.pid, libvirt=True)
+    assert any("spawn=deny, which forbids the exec" in b for b in why), why
+    assert any("not for libvirt VMs" in b for b in why), why
     assert lvm.managed.status_path.read_bytes() == status_before
 
 
