@@ -69,7 +69,7 @@ def blockers(cmd: CommandLine, fds: SourceFds, pid: int, libvirt: bool) -> list[
                      "process image (the kernel answers EBUSY to the new one)")
     for ident, why in sorted(fds.tap_problems.items()):
         found.append(f"tap netdev {ident}: {why}")
-    taps = [(ident, fd) for ident, fd in fds.taps.items()]
+    taps = list(fds.taps.items())
     taps += [(ident, fd) for ident, queues in fds.mq_taps.items() for fd in queues]
     for ident, fd in sorted(taps):
         if _close_on_exec(pid, fd):
@@ -122,12 +122,10 @@ async def await_exec(client: monitor.Monitor) -> None:
 
 
 async def reconnect(pid: int, created: float | None, engine_qmp: Path,
-                    was_running: bool) -> tuple[monitor.Monitor, float]:
-    """The new image's private monitor once the guest runs again (if it ran).
-
-    Returns the client and when the guest was seen running. Raises
-    SwitchoverFailed if the process exited: the new QEMU failed after the exec.
-    """
+                    was_running: bool) -> monitor.Monitor:
+    """The new image's private monitor, once it has loaded the VM (and runs the guest, if
+    it ran). Raises SwitchoverFailed if the process exited (the new QEMU failed after the
+    exec) or did not get there within EXEC_TIMEOUT."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + EXEC_TIMEOUT
     client: monitor.Monitor | None = None
@@ -147,8 +145,13 @@ async def reconnect(pid: int, created: float | None, engine_qmp: Path,
             state: Any = await client.execute("query-status")
         except Exception:
             raise lost(pid) from None
-        if state["running"] or not was_running or state["status"] not in ("inmigrate",):
-            return client, loop.time()
+        if state["running"] or not was_running or state["status"] != "inmigrate":
+            return client
+        if loop.time() > deadline:
+            await client.disconnect()
+            raise SwitchoverFailed(f"the new QEMU (PID {pid}) was still loading the VM "
+                                   f"{EXEC_TIMEOUT:.0f} s after the exec",
+                                   "inspect it with `liveupgrade list` and its monitor")
         await asyncio.sleep(0.002)
 
 

@@ -640,8 +640,8 @@ async def _finish_in_place(progress: _Progress, txn: journal.Journal, session: S
     assert report.transfer
     txn.record("switchover")
     async with progress.phase("switchover", "the new QEMU loads the VM state and resumes it"):
-        client, _ = await cprexec.reconnect(proc.pid, proc.create_time,
-                                            cprexec.monitor_path(rundir), state.running)
+        client = await cprexec.reconnect(proc.pid, proc.create_time,
+                                         cprexec.monitor_path(rundir), state.running)
         resumed_wall = time.time()
     try:
         with contextlib.suppress(OSError):

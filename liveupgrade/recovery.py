@@ -264,8 +264,8 @@ async def _repair_in_place(journal: Journal, result: Repair) -> None:
         await asyncio.sleep(0.01)
     result.action, result.pid = "rolled forward", pid
     result.notes.append(f"the VM's process (PID {pid}) had exec'd the new QEMU")
-    client, _ = await cprexec.reconnect(pid, created, Path(facts["exec_qmp"]),
-                                        bool(src["running"]))
+    client = await cprexec.reconnect(pid, created, Path(facts["exec_qmp"]),
+                                     bool(src["running"]))
     try:
         state: Any = await client.execute("query-status")
         result.running = bool(state["running"])
