@@ -61,6 +61,18 @@ async def test_the_vm_keeps_its_pid_pidfile_and_memory(fixtures: FixturePaths,
         await assert_same_vm(vm, exec_d=True)
 
 
+async def test_a_paused_vm_stays_paused(fixtures: FixturePaths, make_vm: VMFactory):
+    vm = await make_vm(fixtures.qemu_11, dirty_rate_mib=20, **CPR_READY)
+    async with vm.qmp() as q:
+        await q.execute("stop")
+    result = await engine.upgrade(vm.pid, fixtures.qemu_11, mode="cpr-exec")
+    assert not result.guest_running and result.destination_pid == vm.pid
+    async with vm.qmp() as q:
+        assert (await q.execute("query-status"))["status"] == "paused"
+        await q.execute("cont")
+    await assert_same_vm(vm, exec_d=True)
+
+
 async def test_a_daemonized_vm_keeps_its_pid(fixtures: FixturePaths, make_vm: VMFactory):
     """-daemonize, as Proxmox starts its VMs: kept in the exec'd command, the new QEMU would
     fork again (measured: the pidfile then named a new PID); the engine drops it."""
