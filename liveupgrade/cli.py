@@ -90,6 +90,12 @@ a shared file, lets it fill and verify 256 MiB of memory while it dirties
 QEMU's own downtime figure. It then checks that the heartbeat counter has no
 gap, that the guest found no memory errors in a full verify pass on the new
 QEMU, and that the UUID is unchanged. Exit status 0 only if all hold.
+
+The upgrade runs as its own `liveupgrade upgrade ... --json` process, as an
+operator runs it, so the demo's heartbeat reader is never held up by it.
+--mode picks a guest that mode can move: shared (and auto) 7.2 -> 10.0 on
+file RAM; cpr-transfer 10.0 -> 11.1 and cpr-exec 11.1 -> 11.1 on memfd RAM
+with aux-ram-share=on; copy 10.0 -> 11.1 on anonymous RAM.
 """
 
 

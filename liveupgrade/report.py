@@ -68,6 +68,12 @@ class UpgradeResult:
             return value
         return {k: plain(v) for k, v in dataclasses.asdict(self).items()}
 
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> UpgradeResult:
+        """The result an `upgrade --json` printed (its extra keys, like "ok", left out)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
     def summary(self) -> str:
         phases = ", ".join(f"{k} {v:.0f} ms" for k, v in self.phases_ms.items())
         lines = [
