@@ -8,12 +8,14 @@ import os
 import shutil
 import socket
 import struct
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
 
+from liveupgrade import journal
 from rig import FixturePaths, FixtureVM
 
 
@@ -141,3 +143,35 @@ class QMPEventListener:
         finally:
             conn.closed = time.monotonic()
             writer.close()
+
+
+# The tool as a process, and what it leaves while an upgrade or its repair runs
+# (tests/test_transaction.py, and the network test that kills it).
+KEEPER_DEADLINE = 10.0  # the issue's bound: the job is finished within 10 s of the death
+
+
+def keepers() -> list[int]:
+    return [p.pid for p in psutil.process_iter(["cmdline"])
+            if "liveupgrade.keeper" in " ".join(p.info.get("cmdline") or [])]
+
+
+def transaction_files() -> list[str]:
+    return sorted(p.name for p in journal.transactions_dir().iterdir())
+
+
+async def cli(*args: str, fault: str | None = None) -> asyncio.subprocess.Process:
+    env = dict(os.environ)
+    if fault:
+        env[journal.FAULT_ENV] = fault
+    return await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "liveupgrade", *args, env=env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+
+
+async def settled(deadline: float = KEEPER_DEADLINE) -> float:
+    """Seconds until no keeper runs and no journal or lock is left (fails past deadline)."""
+    started = time.monotonic()
+    while keepers() or transaction_files():
+        assert time.monotonic() - started < deadline, (keepers(), transaction_files())
+        await asyncio.sleep(0.02)
+    return time.monotonic() - started

@@ -23,7 +23,7 @@ from liveupgrade.report import UpgradeResult
 from rig import FixturePaths, GuestKind, MemoryBacking, TapNetwork
 from rig.probes import ECHO_PORT, observe_upgrade, vnc_banner
 from tests.conftest import VMFactory
-from tests.helpers import assert_guest_intact, qemu_pids
+from tests.helpers import assert_guest_intact, cli, qemu_pids, settled
 
 PINGS = 300  # 3 s at 100/s, around the upgrade
 
@@ -163,8 +163,6 @@ async def test_the_network_survives_the_tool_killed_while_the_new_qemu_starts(
     of a multiqueue tap): the keeper kills it, and puts back the tap's virtio-net header
     size, which the starting QEMU reset and only the dead engine's guard restored (found
     by this test: without it the guest was unreachable, "No route to host")."""
-    from tests.test_transaction import cli, settled
-
     with TapNetwork(multi_queue=queues > 1) as network:
         vm = await make_vm(fixtures.qemu_old, guest=GuestKind.LINUX, ram_mib=512,
                            network=network, tap="mq" if queues > 1 else "ifname",

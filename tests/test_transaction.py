@@ -16,7 +16,6 @@ import json
 import os
 import random
 import signal
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,44 +23,23 @@ from pathlib import Path
 import psutil
 import pytest
 
-from liveupgrade import engine, journal
+from liveupgrade import engine
 from liveupgrade.journal import POINT_OF_NO_RETURN, step_index
 from rig import FixturePaths, FixtureVM, MemoryBacking
 from rig.libvirt_vm import LibvirtFixtureVM
 from tests.conftest import VMFactory
-from tests.helpers import assert_guest_intact, exe_of, leftovers, runtime_dirs
+from tests.helpers import (
+    assert_guest_intact,
+    cli,
+    exe_of,
+    keepers,
+    leftovers,
+    runtime_dirs,
+    settled,
+    transaction_files,
+)
 
 pytestmark = pytest.mark.e2e
-
-KEEPER_DEADLINE = 10.0  # the issue's bound: the job is finished within 10 s of the death
-
-
-def keepers() -> list[int]:
-    return [p.pid for p in psutil.process_iter(["cmdline"])
-            if "liveupgrade.keeper" in " ".join(p.info.get("cmdline") or [])]
-
-
-def transaction_files() -> list[str]:
-    return sorted(p.name for p in journal.transactions_dir().iterdir())
-
-
-async def cli(*args: str, fault: str | None = None) -> asyncio.subprocess.Process:
-    env = dict(os.environ)
-    if fault:
-        env[journal.FAULT_ENV] = fault
-    return await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "liveupgrade", *args, env=env,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-
-
-async def settled(deadline: float = KEEPER_DEADLINE) -> float:
-    """Seconds until no keeper runs and no journal or lock is left (fails past deadline)."""
-    started = time.monotonic()
-    while keepers() or transaction_files():
-        assert time.monotonic() - started < deadline, (keepers(), transaction_files())
-        await asyncio.sleep(0.02)
-    return time.monotonic() - started
-
 
 async def assert_one_qemu(vm: FixtureVM, binary: Path, running: bool = True) -> int:
     """Exactly one QEMU of this VM, the expected binary, in the run state it had, its QMP
