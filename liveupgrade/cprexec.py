@@ -44,21 +44,9 @@ from liveupgrade.versions import QemuVersion
 
 STATE_FILE = "cpr-exec.state"
 EXEC_TIMEOUT = 30.0  # from `migrate` to the new QEMU's monitor; saving device state is quick
-O_CLOEXEC = 0o2000000
 
 
-def _close_on_exec(pid: int, fd: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/fdinfo/{fd}") as info:
-            for line in info:
-                if line.startswith("flags:"):
-                    return bool(int(line.split()[1], 8) & O_CLOEXEC)
-    except OSError:
-        pass
-    return True  # unknown: assume it would not survive
-
-
-def blockers(cmd: CommandLine, fds: SourceFds, pid: int, libvirt: bool) -> list[str]:
+def blockers(cmd: CommandLine, fds: SourceFds, libvirt: bool) -> list[str]:
     """Why this VM's process cannot exec the new QEMU in place (empty: it can)."""
     found = []
     sandbox = cmd.first("sandbox")
@@ -72,7 +60,7 @@ def blockers(cmd: CommandLine, fds: SourceFds, pid: int, libvirt: bool) -> list[
     taps = list(fds.taps.items())
     taps += [(ident, fd) for ident, queues in fds.mq_taps.items() for fd in queues]
     for ident, fd in sorted(taps):
-        if _close_on_exec(pid, fd):
+        if fd in fds.close_on_exec:
             found.append(f"tap netdev {ident}: its fd {fd} is close-on-exec in the source")
     if libvirt:
         found.append("not for libvirt VMs: libvirt starts QEMU under -sandbox spawn=deny "

@@ -379,7 +379,7 @@ async def make_plan(proc: source.SourceProcess, client: monitor.Monitor, binary:
         target_version=info.version, source_caps=state.capabilities,
         target_caps=info.capabilities, target_params=info.parameters,
         tcg=state.tcg, forced=forced,
-        exec_blockers=tuple(cprexec.blockers(proc.cmdline, fds, proc.pid, libvirt)))
+        exec_blockers=tuple(cprexec.blockers(proc.cmdline, fds, libvirt)))
     ctx = await asyncio.to_thread(context.read_context, proc.pid)
     conversion = None
     if convert_ram is not None:
@@ -393,15 +393,15 @@ async def make_plan(proc: source.SourceProcess, client: monitor.Monitor, binary:
     if pf.mode is not None:
         transfer = transfer_settings(pf.mode, pf.reason, facts, bandwidth_mib=bandwidth,
                                      downtime_limit_ms=downtime_limit)
+        run = rundir or journal.runtime_base() / "upgrade-PLAN"
         rebuild = functools.partial(
             build_destination, proc.argv, target_binary=info.path, machine=state.machine,
-            mode=pf.mode, rundir=rundir or journal.runtime_base() / "upgrade-PLAN",
+            mode=pf.mode, rundir=run,
             overrides=overrides, token=secrets.token_hex(4), fds=fds,
             target_version=info.version, ram=conversion,
             qmp_object="monitor-qmp" in info.qom_types)
         destination = rebuild()
         if pf.mode is Mode.CPR_EXEC:
-            run = rundir or journal.runtime_base() / "upgrade-PLAN"
             exec_argv = cprexec.build_exec_argv(
                 proc.argv, target_binary=info.path, machine=state.machine,
                 target_version=info.version, state_path=cprexec.state_path(run),

@@ -201,6 +201,12 @@ class FdFacts:
     fd: int
     target: str  # readlink of /proc/PID/fd/N: "/dev/net/tun", "socket:[123]", ...
     tun_ifname: str | None  # the tap/tun interface a /dev/net/tun fd is attached to
+    flags: int | None = None  # its open flags (fdinfo; read for /dev/net/tun fds only)
+
+    @property
+    def close_on_exec(self) -> bool:
+        """Whether an exec would close it (unknown counts as closed)."""
+        return self.flags is None or bool(self.flags & os.O_CLOEXEC)
 
     @property
     def socket_inode(self) -> int | None:
@@ -209,21 +215,25 @@ class FdFacts:
 
 
 _IFF = re.compile(r"^iff:\s*(\S+)", re.MULTILINE)
+_FLAGS = re.compile(r"^flags:\s*([0-7]+)", re.MULTILINE)
 
 
 def open_fds(pid: int) -> list[FdFacts]:
-    """Every descriptor of the process, with the tap interface of /dev/net/tun fds."""
+    """Every descriptor of the process; for /dev/net/tun fds also their tap interface and
+    open flags (one read of fdinfo)."""
     found = []
     base = Path(f"/proc/{pid}")
     for entry in (base / "fd").iterdir():
         with contextlib.suppress(OSError):
             fd = int(entry.name)
             target = os.readlink(entry)
-            ifname = None
+            ifname = flags = None
             if target == "/dev/net/tun":
-                match = _IFF.search((base / "fdinfo" / entry.name).read_text())
-                ifname = match.group(1) if match else None
-            found.append(FdFacts(fd, target, ifname))
+                info = (base / "fdinfo" / entry.name).read_text()
+                iff, mode = _IFF.search(info), _FLAGS.search(info)
+                ifname = iff.group(1) if iff else None
+                flags = int(mode.group(1), 8) if mode else None
+            found.append(FdFacts(fd, target, ifname, flags))
     return sorted(found, key=lambda f: f.fd)
 
 

@@ -62,6 +62,7 @@ class SourceFds:
 
     taps: dict[str, int] = field(default_factory=dict)  # netdev id -> its tap fd
     mq_taps: dict[str, list[int]] = field(default_factory=dict)  # multiqueue: its queue fds
+    close_on_exec: set[int] = field(default_factory=set)  # tap fds an exec would close
     vhost: set[str] = field(default_factory=set)  # tap netdevs that use vhost-net
     tap_problems: dict[str, str] = field(default_factory=dict)  # netdev id -> why not
     unix_listeners: dict[str, int] = field(default_factory=dict)  # bound path -> fd
@@ -109,6 +110,7 @@ def gather(pid: int, cmd: CommandLine, info_network: str) -> SourceFds:
     for f in fds:
         if f.tun_ifname:
             by_ifname.setdefault(f.tun_ifname, []).append(f.fd)
+    facts.close_on_exec = {f.fd for f in fds if f.target == "/dev/net/tun" and f.close_on_exec}
     ifnames = tap_ifnames(info_network)
     for index, opt in enumerate(o for o in cmd.options if is_tap(o)):
         ident = opt.prop("id") or f"__org.qemu.nic{index}"

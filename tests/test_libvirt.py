@@ -110,7 +110,7 @@ async def test_list_shows_the_libvirt_domain_and_plan_asks_for_the_opt_in(
     assert "<memoryBacking>" in conversion.fix and "access mode='shared'" in conversion.fix
     # cpr-exec: libvirt's own command line forbids the exec (-sandbox ...,spawn=deny).
     cmdline = CommandLine.parse(psutil.Process(lvm.pid).cmdline())
-    why = cprexec.blockers(cmdline, SourceFds(), lvm.pid, libvirt=True)
+    why = cprexec.blockers(cmdline, SourceFds(), libvirt=True)
     assert any("spawn=deny, which forbids the exec" in b for b in why), why
     assert any("not for libvirt VMs" in b for b in why), why
     assert lvm.managed.status_path.read_bytes() == status_before

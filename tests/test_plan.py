@@ -163,10 +163,12 @@ def test_cpr_exec_command_line_and_blockers() -> None:
     assert not any("liveupgrade-qmp-mon" in a or "exec-qmp" in a for a in again.argv)
     sandboxed = CommandLine.parse([*SOURCE, "-sandbox", "on,spawn=deny"])
     vhost = SourceFds(vhost={"n0"})
-    assert any("spawn=deny" in b for b in blockers(sandboxed, SourceFds(), 1, False))
-    assert any("vhost-net" in b for b in blockers(CommandLine.parse(SOURCE), vhost, 1, False))
-    assert any("libvirt" in b for b in blockers(CommandLine.parse(SOURCE), SourceFds(), 1, True))
-    assert blockers(CommandLine.parse(SOURCE), SourceFds(), 1, False) == []
+    assert any("spawn=deny" in b for b in blockers(sandboxed, SourceFds(), False))
+    assert any("vhost-net" in b for b in blockers(CommandLine.parse(SOURCE), vhost, False))
+    assert any("libvirt" in b for b in blockers(CommandLine.parse(SOURCE), SourceFds(), True))
+    assert blockers(CommandLine.parse(SOURCE), SourceFds(), False) == []
+    shut = SourceFds(taps={"n0": 12}, close_on_exec={12})  # it would not survive the exec
+    assert any("close-on-exec" in b for b in blockers(CommandLine.parse(SOURCE), shut, False))
 
 
 def test_memory_layouts(tmp_path: Path) -> None:
