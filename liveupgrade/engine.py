@@ -82,7 +82,7 @@ from liveupgrade.preflight import (
     check_target,
 )
 from liveupgrade.report import PlanReport, UpgradeEvent, UpgradeResult
-from liveupgrade.session import SourceSession, reset_capabilities
+from liveupgrade.session import SourceSession, reset_on_new_qemu
 from liveupgrade.switchover import move_into_place, rebind_vnc, retire_source
 
 EventCallback = Callable[[UpgradeEvent], None]
@@ -119,6 +119,7 @@ class _Undo:
     def __init__(self) -> None:
         self.stack = contextlib.AsyncExitStack()
         self.failures: list[str] = []
+        self.fixes: list[str] = []  # what the failed undos say to do, for the final error
 
     def push(self, what: str, undo: Callable[[], Awaitable[object]]) -> None:
         async def run() -> None:
@@ -126,6 +127,8 @@ class _Undo:
                 await undo()
             except Exception as e:
                 self.failures.append(f"{what}: {e}")
+                if isinstance(e, LiveUpgradeError) and e.fix:
+                    self.fixes.append(e.fix)
         self.stack.push_async_callback(run)
 
     async def roll_back(self) -> None:
@@ -281,6 +284,7 @@ async def upgrade(
             if undo.failures and isinstance(e, LiveUpgradeError):
                 e.args = (f"{e}; the rollback did not complete ({'; '.join(undo.failures)}): "
                           "the keeper is repairing it", )
+                e.fix = "; ".join(undo.fixes) or e.fix  # the rollback's own fix comes first
             raise
         # ---- point of no return: the guest runs on the destination from here ----
         undo.drop()
@@ -834,8 +838,8 @@ async def _finish(progress: _Progress, txn: journal.Journal, session: SourceSess
         txn.record("relocating")
         notes = await _hand_over_vnc(destination, vnc_fds)
         moved, failed = move_into_place(plan.relocations, killed_at)
-        await reset_capabilities(destination.qmp,  # type: ignore[arg-type]
-                                 list(report.transfer.target_caps), "destination")
+        notes += await reset_on_new_qemu(destination.qmp,  # type: ignore[arg-type]
+                                         list(report.transfer.target_caps))
     if pause is not None:
         async with progress.phase("adopt", "handing the new QEMU back to libvirt"):
             txn.record("adopting")

@@ -39,7 +39,7 @@ from liveupgrade.destination import kill_strays
 from liveupgrade.errors import LiveUpgradeError, MonitorBusy, SourceNotFound
 from liveupgrade.journal import POINT_OF_NO_RETURN, Journal, VMLock, holder, journals
 from liveupgrade.plan import Relocation
-from liveupgrade.session import give_back, reset_capabilities
+from liveupgrade.session import give_back, reset_on_new_qemu
 from liveupgrade.switchover import move_into_place, rebind_vnc, retire_source
 
 MONITOR_TIMEOUT = 2.0
@@ -229,7 +229,7 @@ async def _roll_forward(journal: Journal, result: Repair) -> None:
         vnc = facts.get("vnc")
         if vnc and not journal.reached("adopting"):
             result.notes.append(await rebind_vnc(client, vnc["display"], vnc["address"]))
-        await reset_capabilities(client, facts.get("target_caps", []), "destination")
+        result.notes += await reset_on_new_qemu(client, facts.get("target_caps", []))
         state = await client.execute("query-status")
         result.running = bool(state["running"])
     finally:

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 from typing import Any
 
+from qemu.qmp import ExecuteError
 from qemu.qmp.events import EventListener
 
 from liveupgrade import monitor
@@ -21,43 +22,60 @@ from liveupgrade.errors import MonitorError
 from liveupgrade.source import ACTIVE_MIGRATION, SourceProcess, SourceState
 
 CANCEL_TIMEOUT = 5.0
-SETTLE_TIMEOUT = 2.0  # how long a failed migration may keep QEMU from taking new settings
+SETUP_GRACE = 2.0  # how long a migration setting up may take before it is cancelled
+SETTLE_TIMEOUT = 10.0  # how long a failed migration may keep QEMU from taking settings
+
+
+async def _status(client: monitor.Monitor) -> str:
+    info: Any = await client.execute("query-migrate")
+    return str(info.get("status", "none"))
 
 
 async def cancel_migration(client: monitor.Monitor) -> str:
-    """Cancel a migration that is still under way; return the final migration status."""
-    info: Any = await client.execute("query-migrate")
-    status = str(info.get("status", "none"))
+    """Cancel a migration that is still under way; return the final migration status.
+
+    A migration still in `setup` is first given SETUP_GRACE to leave it: QEMU 10.0
+    and 11.1 with multifd can hang for good when cancelled while their channels set
+    up (measured: the migration thread waits in multifd_send_sync_main for a channel
+    that is gone, and the status stays `cancelling`; 2 of 80 destinations killed at
+    the first progress report, none of 160 with the grace), so a cancel goes to a
+    migration that streams, or one that failed by itself, not to one setting up.
+    """
+    loop = asyncio.get_running_loop()
+    status = await _status(client)
+    grace = loop.time() + SETUP_GRACE
+    while status == "setup" and loop.time() < grace:
+        await asyncio.sleep(0.01)
+        status = await _status(client)
     if status not in ACTIVE_MIGRATION:
         return status
     with contextlib.suppress(Exception):
         await client.execute("migrate_cancel")
-    loop = asyncio.get_running_loop()
     deadline = loop.time() + CANCEL_TIMEOUT
     while status in ACTIVE_MIGRATION and loop.time() < deadline:
         await asyncio.sleep(0.01)
-        info = await client.execute("query-migrate")
-        status = str(info.get("status", "none"))
+        status = await _status(client)
     return status
 
 
 async def _set_once_accepted(client: monitor.Monitor, caps: dict[str, bool],
                              params: dict[str, Any], side: str) -> None:
     """Set migration settings, retrying while QEMU refuses them: right after a migration
-    failed (the destination killed, say) QEMU still cleans it up for a moment and answers
-    "There's a migration process in progress". Best effort: it never fails an upgrade."""
+    failed or was cancelled (the destination killed, say) QEMU still cleans it up for a
+    moment and answers "There's a migration process in progress" (measured here: under
+    0.1 s; a loaded host takes longer). A refusal that outlasts SETTLE_TIMEOUT, or a lost
+    monitor, is raised: settings silently left behind would be inherited by whatever
+    migrates this QEMU next."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + SETTLE_TIMEOUT
     while True:
         try:
             await set_migration(client, caps, params, side)
             return
-        except MonitorError:
-            if loop.time() > deadline:
-                return
+        except MonitorError as e:
+            if not isinstance(e.__cause__, ExecuteError) or loop.time() > deadline:
+                raise
             await asyncio.sleep(0.02)
-        except Exception:  # the QEMU is gone: nothing left to reset
-            return
 
 
 async def reset_capabilities(client: monitor.Monitor, caps: list[str], side: str) -> None:
@@ -68,6 +86,17 @@ async def reset_capabilities(client: monitor.Monitor, caps: list[str], side: str
     reset = [k for k in caps if k != "events"]
     if reset:
         await _set_once_accepted(client, dict.fromkeys(reset, False), {}, side)
+
+
+async def reset_on_new_qemu(client: monitor.Monitor, caps: list[str]) -> list[str]:
+    """`reset_capabilities` on the QEMU that runs the guest after switchover, where a
+    failure is no reason to fail what succeeded: it becomes a note naming the fix."""
+    try:
+        await reset_capabilities(client, caps, "destination")
+    except MonitorError as e:
+        return [f"the new QEMU kept the upgrade's migration capabilities ({e}); turn them "
+                "off (migrate-set-capabilities) before migrating it with another tool"]
+    return []
 
 
 async def give_back(client: monitor.Monitor, was_running: bool, caps: list[str],
@@ -81,12 +110,19 @@ async def give_back(client: monitor.Monitor, was_running: bool, caps: list[str],
     """
     done = []
     status = await cancel_migration(client)
-    if status in ACTIVE_MIGRATION:
-        done.append(f"the migration did not stop ({status})")
     state: Any = await client.execute("query-status")
     if was_running and not state["running"]:
         await monitor.execute(client, "cont", what="source")
         done.append(f"resumed the guest on the source (it was {state['status']})")
+    if status in ACTIVE_MIGRATION:
+        raise MonitorError(
+            f"the source QEMU's migration is stuck in '{status}': it did not stop within "
+            f"{CANCEL_TIMEOUT:.0f} s of migrate_cancel (seen with multifd on QEMU 10.0 and "
+            "11.1 when the destination dies or stalls while the migration sets up). The "
+            "guest runs on the source, which now refuses new migration settings and any "
+            "further migration",
+            "restart the VM when convenient (stop and start it, or reboot the guest): until "
+            "then its QEMU can be neither migrated nor upgraded")
     await reset_capabilities(client, caps, "source")
     if params_before:
         await _set_once_accepted(client, {}, params_before, "source")

@@ -281,3 +281,26 @@ async def test_the_tool_dies_on_the_libvirt_adopt_path(sig: str, step: str,
     assert result.guest_running
     lvm.reconnect()
     assert lvm.pid == result.destination_pid
+
+
+async def test_a_stalled_destination_is_rolled_back_at_the_timeout(
+        fixtures: FixturePaths, make_vm: VMFactory):
+    """A destination that stops reading (frozen by SIGSTOP before the source connects,
+    as a QEMU hung on its storage would be) is killed at the timeout and the migration
+    cancelled: the guest runs on the one old QEMU, without the upgrade's settings."""
+    vm, target = await boot(make_vm, fixtures, "copy")
+    proc = await stopped_at("migrating", "upgrade", str(vm.pid), "--to", str(target),
+                            "--mode", "copy", "--timeout", "3")
+    destination = next(p for p in vm.processes() if p.pid != vm.pid)
+    destination.suspend()
+    os.kill(proc.pid, signal.SIGCONT)
+    _, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 1 and b"did not reach switchover within 3 s" in err, err
+    assert b"rollback did not complete" not in err, err
+    await settled()
+    await assert_one_qemu(vm, Path(vm.config.binary))
+    async with vm.qmp() as q:
+        caps = await q.execute("query-migrate-capabilities")
+        assert (await q.execute("query-migrate"))["status"] == "cancelled"
+    assert {c["capability"] for c in caps if c["state"]} <= {"events"}
+    await assert_guest_intact(vm)
