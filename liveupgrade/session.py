@@ -62,10 +62,10 @@ async def _set_once_accepted(client: monitor.Monitor, caps: dict[str, bool],
                              params: dict[str, Any], side: str) -> None:
     """Set migration settings, retrying while QEMU refuses them: right after a migration
     failed or was cancelled (the destination killed, say) QEMU still cleans it up for a
-    moment and answers "There's a migration process in progress" (measured here: under
-    0.1 s; a loaded host takes longer). A refusal that outlasts SETTLE_TIMEOUT, or a lost
-    monitor, is raised: settings silently left behind would be inherited by whatever
-    migrates this QEMU next."""
+    moment and answers "There's a migration process in progress" (not seen on this
+    host, where a cancelled migration settles within 0.1 s). A refusal that outlasts
+    SETTLE_TIMEOUT, or a lost monitor, is raised: settings silently left behind would
+    be inherited by whatever migrates this QEMU next."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + SETTLE_TIMEOUT
     while True:
