@@ -239,8 +239,8 @@ async def test_giving_the_source_back_outwaits_a_migration_winding_down(
         assert {c["capability"] for c in caps if c["state"]} <= {"events"}
 
         await migrate_into_the_sink(q, "multifd")
-        monkeypatch.setattr(session, "SETUP_GRACE", 0.2)  # it never leaves setup: no need
-        monkeypatch.setattr(session, "CANCEL_TIMEOUT", 1.0)  # to wait the full times
+        monkeypatch.setattr(session, "SETUP_GRACE", 0.2)  # it hangs for good: shorter
+        monkeypatch.setattr(session, "CANCEL_TIMEOUT", 1.0)  # waits tell the same
         with pytest.raises(MonitorError, match="stuck in 'cancelling'") as stuck:
             await session.give_back(q, True, ["multifd"], {})
         assert "restart the VM" in stuck.value.fix
