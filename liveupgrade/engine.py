@@ -394,6 +394,7 @@ async def make_plan(proc: source.SourceProcess, client: monitor.Monitor, binary:
     if conversion is not None and pf.mode is Mode.COPY:
         pf.reason = f"--convert-ram: {conversion.describe()}"
     transfer = destination = rebuild = exec_argv = None
+    qmp_object = "monitor-qmp" in info.qom_types  # how the target takes the engine's monitor
     if pf.mode is not None:
         transfer = transfer_settings(pf.mode, pf.reason, facts, bandwidth_mib=bandwidth,
                                      downtime_limit_ms=downtime_limit)
@@ -403,14 +404,14 @@ async def make_plan(proc: source.SourceProcess, client: monitor.Monitor, binary:
             mode=pf.mode, rundir=run,
             overrides=overrides, token=secrets.token_hex(4), fds=fds,
             target_version=info.version, ram=conversion,
-            qmp_object="monitor-qmp" in info.qom_types)
+            qmp_object=qmp_object)
         destination = rebuild()
         if pf.mode is Mode.CPR_EXEC:
             exec_argv = cprexec.build_exec_argv(
                 proc.argv, target_binary=info.path, machine=state.machine,
                 target_version=info.version, state_path=cprexec.state_path(run),
                 engine_qmp=cprexec.monitor_path(run), fds=fds, overrides=overrides,
-                qmp_object="monitor-qmp" in info.qom_types)
+                qmp_object=qmp_object)
         check_handover(pf, proc.cmdline, fds, destination, access_problem)
         _check_runnable(pf, ctx, info)
         check_host(pf, CommandLine.parse(destination.argv), state.ram_bytes,

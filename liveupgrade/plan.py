@@ -91,7 +91,7 @@ class DestinationPlan:
     mq_netdevs: dict[str, list[int]] = field(default_factory=dict)
 
 
-def set_machine(cmd: CommandLine, machine: str) -> None:
+def _set_machine(cmd: CommandLine, machine: str) -> None:
     for opt in cmd.find("machine"):
         if opt.prop("type") is not None:
             opt.set_prop("type", machine)
@@ -107,7 +107,7 @@ REMOVED_OPTIONS = {
 }
 
 
-def modernize(cmd: CommandLine, target: QemuVersion | None) -> None:
+def _modernize(cmd: CommandLine, target: QemuVersion | None) -> None:
     """Spell removed flags (libvirt 9.0 still writes -no-acpi) as -machine properties."""
     if target is None:
         return
@@ -121,7 +121,7 @@ def modernize(cmd: CommandLine, target: QemuVersion | None) -> None:
                 machine.set_prop(prop, value)
 
 
-def drop_engine_monitor(cmd: CommandLine) -> None:
+def _drop_engine_monitor(cmd: CommandLine) -> None:
     """Remove the monitor an earlier upgrade gave this VM (it has no path any more)."""
     cmd.options = [o for o in cmd.options
                    if not (o.name == "chardev" and o.prop("id") == ENGINE_MONITOR_ID)
@@ -129,7 +129,7 @@ def drop_engine_monitor(cmd: CommandLine) -> None:
                             and o.prop("chardev") == ENGINE_MONITOR_ID)]
 
 
-def drop_repeated_data_dirs(cmd: CommandLine) -> None:
+def _drop_repeated_data_dirs(cmd: CommandLine) -> None:
     """Keep one -L per folder: a QEMU wrapper that adds its own -L (as a relocated
     install needs) would otherwise add one more with every upgrade."""
     seen: set[str | None] = set()
@@ -143,7 +143,7 @@ def drop_repeated_data_dirs(cmd: CommandLine) -> None:
     cmd.options = kept
 
 
-def apply_override(cmd: CommandLine, ov: Override) -> None:
+def _apply_override(cmd: CommandLine, ov: Override) -> None:
     for ident, key in ov.splits():
         for name in ("drive", "blockdev", "chardev", "device", "object", "netdev"):
             opt = cmd.by_id(name, ident)
@@ -164,7 +164,7 @@ def apply_override(cmd: CommandLine, ov: Override) -> None:
 FILE_SPEC_OPTIONS = ("serial", "parallel", "debugcon", "virtioconsole")
 
 
-def file_chardevs_append(cmd: CommandLine) -> None:
+def _file_chardevs_append(cmd: CommandLine) -> None:
     """The destination must append to log files, never truncate the source's output.
 
     QEMU opens a file chardev and a chardev's logfile= with O_TRUNC unless
@@ -199,10 +199,10 @@ def for_target(source_argv: list[str], target_binary: Path, machine: str,
     cmd.binary = str(target_binary)
     for name in ("S", "incoming", "daemonize"):
         cmd.remove(name)
-    drop_engine_monitor(cmd)
-    drop_repeated_data_dirs(cmd)
-    set_machine(cmd, machine)
-    modernize(cmd, target_version)
+    _drop_engine_monitor(cmd)
+    _drop_repeated_data_dirs(cmd)
+    _set_machine(cmd, machine)
+    _modernize(cmd, target_version)
     return cmd
 
 
@@ -211,9 +211,9 @@ def finish_for_target(cmd: CommandLine, overrides: list[Override] | None,
     """File chardevs appended to, the operator's --set overrides, the engine's monitor:
     `-object monitor-qmp` where the target has it (QEMU 11.1 warns that `-mon` is
     deprecated), else `-mon`."""
-    file_chardevs_append(cmd)
+    _file_chardevs_append(cmd)
     for ov in overrides or []:
-        apply_override(cmd, ov)
+        _apply_override(cmd, ov)
     cmd.add("chardev", f"socket,id={ENGINE_MONITOR_ID},path={engine_qmp},server=on,wait=off")
     if qmp_object:
         cmd.add("object", f"monitor-qmp,id={ENGINE_MONITOR_ID}-mon,chardev={ENGINE_MONITOR_ID}")

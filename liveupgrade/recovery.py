@@ -39,7 +39,7 @@ from liveupgrade.destination import kill_strays
 from liveupgrade.errors import LiveUpgradeError, MonitorBusy, SourceNotFound
 from liveupgrade.journal import POINT_OF_NO_RETURN, Journal, VMLock, holder, journals
 from liveupgrade.plan import Relocation
-from liveupgrade.session import give_back, reset_on_new_qemu
+from liveupgrade.session import give_back, migration_status, reset_on_new_qemu
 from liveupgrade.switchover import move_into_place, rebind_vnc, retire_source
 
 MONITOR_TIMEOUT = 2.0
@@ -282,8 +282,7 @@ async def _migration_status(journal: Journal) -> str:
     except LiveUpgradeError:
         return "completed"
     try:
-        info: Any = await client.execute("query-migrate")
-        return str(info.get("status", "none"))
+        return await migration_status(client)
     except Exception:
         return "completed"
     finally:

@@ -26,7 +26,8 @@ SETUP_GRACE = 2.0  # how long a migration setting up may take before it is cance
 SETTLE_TIMEOUT = 10.0  # how long a failed migration may keep QEMU from taking settings
 
 
-async def _status(client: monitor.Monitor) -> str:
+async def migration_status(client: monitor.Monitor) -> str:
+    """The migration's status as QEMU reports it ("none" before any)."""
     info: Any = await client.execute("query-migrate")
     return str(info.get("status", "none"))
 
@@ -42,11 +43,11 @@ async def cancel_migration(client: monitor.Monitor) -> str:
     migration that streams, or one that failed by itself, not to one setting up.
     """
     loop = asyncio.get_running_loop()
-    status = await _status(client)
+    status = await migration_status(client)
     grace = loop.time() + SETUP_GRACE
     while status == "setup" and loop.time() < grace:
         await asyncio.sleep(0.01)
-        status = await _status(client)
+        status = await migration_status(client)
     if status not in ACTIVE_MIGRATION:
         return status
     with contextlib.suppress(Exception):
@@ -54,7 +55,7 @@ async def cancel_migration(client: monitor.Monitor) -> str:
     deadline = loop.time() + CANCEL_TIMEOUT
     while status in ACTIVE_MIGRATION and loop.time() < deadline:
         await asyncio.sleep(0.01)
-        status = await _status(client)
+        status = await migration_status(client)
     return status
 
 
