@@ -20,6 +20,7 @@ from typing import Self
 import psutil
 from qemu.qmp import QMPClient
 
+from liveupgrade.procs import alive, wait_gone
 from rig.heartbeat import HeartbeatServer
 from rig.netns import TapNetwork
 from rig.paths import FixturePaths, find_fixtures
@@ -75,24 +76,10 @@ class GuestStartError(RuntimeError):
     """QEMU exited or the guest never sent a heartbeat; carries QEMU's log."""
 
 
-def _wait_dead(procs: list[psutil.Process], timeout: float = 5.0) -> None:
-    """Wait until each process is a zombie or gone, without reaping it."""
-    deadline = time.monotonic() + timeout
-    for proc in procs:
-        while time.monotonic() < deadline:
-            try:
-                if proc.status() == psutil.STATUS_ZOMBIE:
-                    break
-            except psutil.NoSuchProcess:
-                break
-            time.sleep(0.005)
-
-
 async def _gone(pid: int) -> int:
-    """Wait until a process that is not our child has exited."""
-    with contextlib.suppress(psutil.NoSuchProcess):
-        while psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
-            await asyncio.sleep(0.05)
+    """Wait until a process that is not our child has exited (its last thread too)."""
+    while alive(pid):
+        await asyncio.sleep(0.05)
     return -1
 
 
@@ -363,7 +350,8 @@ class FixtureVM(StartStop):
         # reap them too: for those, wait until they are zombies or gone.
         mine = {c.pid for c in psutil.Process().children()}
         await asyncio.to_thread(psutil.wait_procs, [p for p in procs if p.pid not in mine], 5)
-        await asyncio.to_thread(_wait_dead, [p for p in procs if p.pid in mine and p.pid != own])
+        await asyncio.to_thread(wait_gone,
+                                [p.pid for p in procs if p.pid in mine and p.pid != own], 5.0)
         if self.process is not None and self.process.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 self.process.kill()
