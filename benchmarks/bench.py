@@ -32,6 +32,7 @@ import psutil
 from benchmarks import command
 from benchmarks.raw_qmp import raw_upgrade
 from liveupgrade import engine, monitor
+from liveupgrade.report import UpgradeResult
 from rig import (
     FixturePaths,
     FixtureVM,
@@ -180,19 +181,25 @@ async def _run_isolated(case: Case, vm: FixtureVM, target: Path) -> dict[str, An
     guest's alone. wall_ms is the operation inside the process (as in-process runs
     report it); command_ms adds the interpreter's start."""
     if case.method == "liveupgrade":
-        result, command_ms = await _as_process(
+        data, command_ms = await _as_process(
             sys.executable, "-m", "liveupgrade", "upgrade", str(vm.pid), "--to", str(target),
             "--mode", case.mode, "--json")
-        return {"wall_ms": sum(result["phases_ms"].values()), "command_ms": command_ms,
-                "qemu_downtime_ms": result["downtime_ms"],
-                "vcpu_pause_ms": result["vcpu_pause_ms"],
-                "qemu_total_ms": result["total_time_ms"],
-                "ram_transferred": result["ram_transferred_bytes"]}
+        result = UpgradeResult.from_json(data)
+        return {**_engine_row(result, sum(result.phases_ms.values())), "command_ms": command_ms}
     figures, command_ms = await _as_process(
         sys.executable, "-m", "benchmarks.raw_qmp", str(vm.pid), str(vm.qmp_path), str(target),
         case.mode)
-    return {"wall_ms": figures["wall_s"] * 1e3, "command_ms": command_ms,
-            "qemu_downtime_ms": figures["downtime_ms"],
+    return {**_raw_row(figures), "command_ms": command_ms}
+
+
+def _engine_row(result: UpgradeResult, wall_ms: float) -> dict[str, Any]:
+    return {"wall_ms": wall_ms, "qemu_downtime_ms": result.downtime_ms,
+            "vcpu_pause_ms": result.vcpu_pause_ms, "qemu_total_ms": result.total_time_ms,
+            "ram_transferred": result.ram_transferred_bytes}
+
+
+def _raw_row(figures: dict[str, Any]) -> dict[str, Any]:
+    return {"wall_ms": figures["wall_s"] * 1e3, "qemu_downtime_ms": figures["downtime_ms"],
             "vcpu_pause_ms": figures["vcpu_pause_ms"], "qemu_total_ms": figures["total_time_ms"],
             "ram_transferred": figures["ram_transferred"]}
 
@@ -206,17 +213,12 @@ async def _run_method(case: Case, vm: FixtureVM, fx: FixturePaths,
     if case.method == "liveupgrade":
         t0 = time.monotonic()
         result = await engine.upgrade(vm.pid, target, mode=case.mode)
-        return {"wall_ms": (time.monotonic() - t0) * 1e3, "qemu_downtime_ms": result.downtime_ms,
-                "vcpu_pause_ms": result.vcpu_pause_ms, "qemu_total_ms": result.total_time_ms,
-                "ram_transferred": result.ram_transferred_bytes}
+        return _engine_row(result, (time.monotonic() - t0) * 1e3)
     if case.method == "raw-qmp":
         figures, proc = await raw_upgrade(vm.argv(), vm.qmp_path, target, case.mode, vm.dir)
         if proc is not None:
             extra.append(proc)
-        return {"wall_ms": figures["wall_s"] * 1e3, "qemu_downtime_ms": figures["downtime_ms"],
-                "vcpu_pause_ms": figures["vcpu_pause_ms"],
-                "qemu_total_ms": figures["total_time_ms"],
-                "ram_transferred": figures["ram_transferred"]}
+        return _raw_row(figures)
     if case.method == "stop-cont":
         async with vm.qmp() as q:
             await q.execute("stop")
